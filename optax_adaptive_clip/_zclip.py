@@ -1,0 +1,179 @@
+"""ZClip: z-score clipping against exponential moving averages of the norm."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_adaptive_clip import _checks, _clipping, _norms
+
+CLIP_OPTIONS = ("adaptive_scaling", "mean")
+
+
+class ZClipState(NamedTuple):
+    """State of :func:`zclip`: O(1) in the window, every field a scalar."""
+
+    count: jax.Array
+    """int32, norms folded into the statistics so far (saturating)."""
+    mean: jax.Array
+    """float32, mean of the warmup norms, then their exponential moving average."""
+    var: jax.Array
+    """float32, population variance of the warmup norms, then its moving average."""
+    last_norm: jax.Array
+    """float32, global norm of the latest update before clipping."""
+    threshold: jax.Array
+    """float32, norm the latest update was clipped to if above it (``inf`` in warmup)."""
+    last_clipped: jax.Array
+    """bool, whether the latest update was scaled down."""
+    clip_count: jax.Array
+    """int32, updates scaled down so far."""
+    nonfinite_count: jax.Array
+    """int32, updates that contained NaN or inf so far."""
+
+
+def zclip(
+    alpha: float = 0.97,
+    z_thresh: float = 2.5,
+    warmup_steps: int = 25,
+    *,
+    clip_option: str = "adaptive_scaling",
+    skip_update_on_spike: bool = False,
+    eps: float = 1e-6,
+    norm_ord: int | float = 2,
+    max_norm: float | None = None,
+    nonfinite: str = "impute",
+) -> optax.GradientTransformation:
+    """Clips updates whose norm is a z-score outlier against moving averages.
+
+    ZClip (Kumar et al., 2025) keeps exponential moving averages of the mean
+    and variance of the global norm, initialised from the mean and population
+    variance of the first ``warmup_steps`` norms (no adaptive clipping during
+    warmup; ``max_norm`` still caps). Afterwards, with
+    ``z = (g - mean) / (std + eps)``:
+
+    * if ``z > z_thresh`` the update is clipped to
+      ``mean + z_thresh * std / (z / z_thresh)`` ("adaptive_scaling": the further
+      the outlier, the harder the clip) or to ``mean`` (``clip_option="mean"``);
+    * the averages are then updated with the norm ZClip applied,
+      ``min(g, clip value)``, so that a spike cannot inflate them; with
+      ``skip_update_on_spike`` they are left untouched on a spike instead.
+
+    The ``max_norm`` cap is a safety net outside the rule: it clips, but the
+    averages see the rule's own clip value, as in the authors' implementation.
+
+    ``threshold`` in the state is the norm above which the latest update would
+    have been clipped, or the value it was clipped to.
+
+    Args:
+      alpha: EMA decay, in (0, 1).
+      z_thresh: z-score above which a norm is a spike (finite, > 0).
+      warmup_steps: norms collected before the averages are used (>= 1).
+      clip_option: ``"adaptive_scaling"`` or ``"mean"``.
+      skip_update_on_spike: leave the averages untouched on a spike.
+      eps: added to the standard deviation in the z-score (finite, > 0).
+      norm_ord: p of the global p-norm: any p >= 1, or ``float("inf")``.
+      max_norm: optional absolute cap, always applied.
+      nonfinite: ``"impute"``, ``"zero"`` or ``"propagate"``, as in
+        :func:`adaptive_clip`.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`ZClipState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_adaptive_clip as oac
+      >>> tx = oac.zclip(warmup_steps=4)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for norm in [1.0, 2.0, 1.0, 2.0]:  # warmup: mean 1.5, std 0.5
+      ...   _, state = tx.update(jnp.array([norm]), state)
+      >>> updates, state = tx.update(jnp.array([4.0]), state)  # z = 5
+      >>> updates  # 1.5 + 2.5 * 0.5 / (5 / 2.5)
+      Array([2.125], dtype=float32)
+
+    References:
+      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+      <https://arxiv.org/abs/2504.02507>`_, 2025
+    """
+    _checks.check_real(
+        "alpha", alpha, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+    )
+    _checks.check_real("z_thresh", z_thresh, low=0.0, low_inclusive=False)
+    _checks.check_int("warmup_steps", warmup_steps, minimum=1)
+    _checks.check_real("eps", eps, low=0.0, low_inclusive=False)
+    _checks.check_choice("clip_option", clip_option, CLIP_OPTIONS)
+    _clipping.check_common_options(
+        norm_ord=norm_ord, warmup_max_norm=None, max_norm=max_norm, record="raw",
+        nonfinite=nonfinite,
+    )
+
+    def init_fn(params: Any) -> ZClipState:
+        del params
+        zero_count = jnp.zeros((), jnp.int32)
+        zero = jnp.zeros((), jnp.float32)
+        return ZClipState(
+            count=zero_count,
+            mean=zero,
+            var=zero,
+            last_norm=zero,
+            threshold=jnp.full((), jnp.inf, jnp.float32),
+            last_clipped=jnp.zeros((), bool),
+            clip_count=zero_count,
+            nonfinite_count=zero_count,
+        )
+
+    def update_fn(
+        updates: Any, state: ZClipState, params: Any = None
+    ) -> tuple[Any, ZClipState]:
+        del params
+        norm, has_nonfinite = _norms.global_norm(updates, norm_ord)
+        recordable = _clipping.recordable_mask(has_nonfinite, nonfinite)
+        warmed_up = state.count >= warmup_steps
+
+        std = jnp.sqrt(state.var)
+        z = (norm - state.mean) / (std + eps)
+        spike = warmed_up & (z > z_thresh)
+        if clip_option == "mean":
+            clip_value = state.mean
+        else:
+            # Dividing by z is safe: it is only used where z > z_thresh > 0.
+            clip_value = state.mean + z_thresh * std * z_thresh / jnp.where(spike, z, 1.0)
+        # Below a spike the threshold is where one would start: z == z_thresh.
+        onset = state.mean + z_thresh * (std + eps)
+        threshold = jnp.where(spike, clip_value, jnp.where(warmed_up, onset, jnp.inf))
+        threshold = _clipping.cap_threshold(threshold, max_norm)
+        updates, clipped = _norms.apply_threshold(
+            updates, norm, threshold, has_nonfinite, nonfinite
+        )
+
+        # Warmup: running mean and population variance (Welford's update).
+        n = (state.count + 1).astype(jnp.float32)
+        warm_mean = state.mean + (norm - state.mean) / n
+        warm_var = state.var + ((norm - state.mean) * (norm - warm_mean) - state.var) / n
+        # After warmup: moving averages of the norm the rule applied.
+        applied = jnp.where(spike, jnp.minimum(norm, clip_value), norm)
+        ema_mean = alpha * state.mean + (1.0 - alpha) * applied
+        ema_var = alpha * state.var + (1.0 - alpha) * jnp.square(applied - ema_mean)
+        new_mean = jnp.where(warmed_up, ema_mean, warm_mean)
+        new_var = jnp.where(warmed_up, ema_var, warm_var)
+
+        folds = recordable
+        if skip_update_on_spike:
+            folds &= ~spike
+        new_state = ZClipState(
+            count=jnp.where(folds, optax.safe_int32_increment(state.count), state.count),
+            mean=jnp.where(folds, new_mean, state.mean),
+            var=jnp.where(folds, new_var, state.var),
+            last_norm=norm,
+            threshold=threshold,
+            last_clipped=clipped,
+            **_clipping.count_events(
+                state.clip_count, state.nonfinite_count, clipped, has_nonfinite
+            ),
+        )
+        return updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
