@@ -29,24 +29,30 @@ def _find_clip_states(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
     return found
 
 
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
+def _key_name(key: Any) -> str | None:
+    """A path entry's name; ``None`` for named-tuple fields such as ``inner_state``."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, str):
+        return key
+    return None
 
 
 def _labels(paths: list[tuple]) -> list[str]:
     """Short unique labels: the dict keys on each path (the ``multi_transform`` labels),
-    or the whole path where those do not tell the states apart."""
+    or the path's keys and indices where those do not tell the states apart."""
     if len(paths) == 1:
         return [""]
     labels = [
-        "/".join(_key_name(key) for key in path if isinstance(key, jax.tree_util.DictKey))
+        "/".join(str(key.key) for key in path if isinstance(key, jax.tree_util.DictKey))
         for path in paths
     ]
     if len(set(labels)) < len(labels) or "" in labels:
-        labels = ["/".join(_key_name(key) for key in path) for path in paths]
+        names = [[_key_name(key) for key in path] for path in paths]
+        labels = ["/".join(name for name in path if name is not None) for path in names]
+        labels = [label or "outer" for label in labels]
     return labels
 
 
@@ -91,8 +97,10 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     * ``history_size``: norms the statistics rest on.
 
     With several clippers each key is prefixed by a label: the
-    ``multi_transform`` label (``"encoder/norm"``), or else the path to the
-    state inside the optimizer state.
+    ``multi_transform`` label (``"encoder/norm"``), or else the keys and
+    indices of the path to the state (``"0/norm"`` for the first element of a
+    chain; ``"outer"`` for a :func:`skip_on_spike` wrapping other clippers,
+    whose own clippers sit under ``"inner"``).
 
     Args:
       opt_state: an optimizer state holding any number of clipper states.

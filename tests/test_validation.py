@@ -1,0 +1,71 @@
+"""Bad arguments fail at construction with a message naming the parameter and what is allowed."""
+
+from __future__ import annotations
+
+import math
+
+import optax
+import pytest
+
+import optax_adaptive_clip as oac
+
+BAD_ARGUMENTS = [
+    (oac.adaptive_clip, {"window": 1}, "`window` must be an integer >= 2"),
+    (oac.adaptive_clip, {"window": 3.5}, "`window` must be an integer >= 2"),
+    (oac.adaptive_clip, {"num_std": -0.1}, "`num_std` must be in \\[0.0, inf\\]"),
+    (oac.adaptive_clip, {"num_std": math.nan}, "`num_std`"),
+    (oac.adaptive_clip, {"num_std": math.inf}, "`num_std` .*finite"),
+    (oac.adaptive_clip, {"norm_ord": 0.5}, "`norm_ord` must be in \\[1.0, inf\\]"),
+    (oac.adaptive_clip, {"norm_ord": "fro"}, "`norm_ord` must be a real number"),
+    (oac.adaptive_clip, {"min_history": 1}, "`min_history` must be an integer in \\[2, 32\\]"),
+    (oac.adaptive_clip, {"min_history": 33}, "`min_history` must be an integer in \\[2, 32\\]"),
+    (oac.adaptive_clip, {"warmup_max_norm": 0.0}, "`warmup_max_norm` must be in \\(0.0"),
+    (oac.adaptive_clip, {"max_norm": -1.0}, "`max_norm` must be in \\(0.0"),
+    (oac.adaptive_clip, {"max_norm": math.inf}, "`max_norm`"),
+    (oac.adaptive_clip, {"record": "clip"}, "`record` must be one of 'raw', 'clipped'"),
+    (
+        oac.adaptive_clip,
+        {"nonfinite": "nan"},
+        "`nonfinite` must be one of 'impute', 'zero', 'propagate'",
+    ),
+    (oac.autoclip, {"percentile": 0.0}, "`percentile` must be in \\(0.0, 100.0\\]"),
+    (oac.autoclip, {"percentile": 100.5}, "`percentile` must be in \\(0.0, 100.0\\]"),
+    (oac.autoclip, {"min_history": 0}, "`min_history` must be an integer in \\[1, 1000\\]"),
+    (oac.zclip, {"alpha": 1.0}, "`alpha` must be in \\(0.0, 1.0\\)"),
+    (oac.zclip, {"alpha": 0.0}, "`alpha` must be in \\(0.0, 1.0\\)"),
+    (oac.zclip, {"z_thresh": 0.0}, "`z_thresh` must be in \\(0.0, inf\\]"),
+    (oac.zclip, {"warmup_steps": 0}, "`warmup_steps` must be an integer >= 1"),
+    (oac.zclip, {"clip_option": "median"}, "`clip_option` must be one of"),
+    (oac.zclip, {"eps": 0.0}, "`eps` must be in \\(0.0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "message"),
+    BAD_ARGUMENTS,
+    ids=[f"{f.__name__}-{next(iter(k))}={next(iter(k.values()))}" for f, k, _ in BAD_ARGUMENTS],
+)
+def test_bad_argument_raises_at_construction(factory, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        factory(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"window": 0}, "`window`"),
+        ({"num_std": -1.0}, "`num_std`"),
+        ({"record": "everything"}, "`record`"),
+        ({"max_norm": 0.0}, "`max_norm`"),
+    ],
+)
+def test_skip_on_spike_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        oac.skip_on_spike(optax.sgd(0.1), **kwargs)
+
+
+def test_good_edge_values_are_accepted():
+    oac.adaptive_clip(window=2, num_std=0.0, min_history=2, norm_ord=math.inf)
+    oac.adaptive_clip(norm_ord=1.5, record="clipped", nonfinite="propagate")
+    oac.autoclip(percentile=100.0, min_history=None)
+    oac.zclip(alpha=0.5, warmup_steps=1, clip_option="mean", max_norm=1.0)
