@@ -21,6 +21,8 @@ def is_traced(value: Any) -> bool:
 
 
 def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a number, not a bool; got {value!r}.")
     try:
         return float(value)
     except (TypeError, ValueError) as error:
@@ -58,18 +60,16 @@ def check_real(
     in_high = as_float <= high if high_inclusive else as_float < high
     finite_ok = allow_inf or math.isfinite(as_float)
     if not (in_low and in_high and finite_ok and not math.isnan(as_float)):
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
+        left = "[" if low_inclusive and math.isfinite(low) else "("
+        right = "]" if high_inclusive and (allow_inf or math.isfinite(high)) else ")"
         allowed = f"{left}{low}, {high}{right}"
-        if not allow_inf:
-            allowed += " (finite)"
         raise ValueError(f"`{name}` must be in {allowed}, got {value!r}.")
 
 
 def check_optional_positive(name: str, value: Any) -> None:
-    """``None`` or a finite number > 0."""
+    """``None`` or a number > 0 (``inf`` meaning no limit)."""
     if value is not None:
-        check_real(name, value, low=0.0, low_inclusive=False)
+        check_real(name, value, low=0.0, low_inclusive=False, allow_inf=True)
 
 
 def check_choice(name: str, value: Any, choices: Collection[str]) -> None:

@@ -69,28 +69,36 @@ def warmup_threshold(warmup_max_norm: Any) -> jax.Array:
 
 
 def cap_threshold(threshold: jax.Array, max_norm: Any) -> jax.Array:
-    """Applies the optional absolute cap ``max_norm``."""
-    if max_norm is None:
-        return threshold
-    return jnp.minimum(threshold, jnp.asarray(max_norm, jnp.float32))
+    """Applies the optional absolute cap ``max_norm``; the result is float32.
+
+    The cast keeps the state's dtype fixed when hyperparameters come as float64
+    (numpy scalars, or ``inject_hyperparams`` under x64).
+    """
+    if max_norm is not None:
+        threshold = jnp.minimum(threshold, max_norm)
+    return threshold.astype(jnp.float32)
+
+
+class _History(NamedTuple):
+    norms: jax.Array
+    count: jax.Array
+    next_index: jax.Array
 
 
 def record_norm(
     state: Any, norm: jax.Array, threshold: jax.Array, *, record: str, recordable: jax.Array
-) -> dict[str, jax.Array]:
-    """The ``norms``, ``count`` and ``next_index`` fields after recording ``norm``.
+) -> _History:
+    """The ring buffer fields of ``state`` after recording ``norm``.
 
     Nothing changes where ``recordable`` is False.
     """
     recorded = jnp.minimum(norm, threshold) if record == "clipped" else norm
-    # Keeps the history finite even if the norm itself overflowed float32.
-    recorded = jnp.minimum(recorded, jnp.finfo(jnp.float32).max)
     pushed_norms, pushed_index = _history.push(state.norms, state.next_index, recorded)
-    return {
-        "norms": jnp.where(recordable, pushed_norms, state.norms),
-        "count": jnp.where(recordable, optax.safe_int32_increment(state.count), state.count),
-        "next_index": jnp.where(recordable, pushed_index, state.next_index),
-    }
+    return _History(
+        norms=jnp.where(recordable, pushed_norms, state.norms),
+        count=jnp.where(recordable, optax.safe_int32_increment(state.count), state.count),
+        next_index=jnp.where(recordable, pushed_index, state.next_index),
+    )
 
 
 def recordable_mask(has_nonfinite: jax.Array, nonfinite: str) -> jax.Array:
@@ -119,38 +127,43 @@ def _ring_buffer_clip(
     recorded (AutoClip); otherwise only the norms of earlier updates.
     """
 
-    def init_fn(params: Any) -> AdaptiveClipState:
+    def init_fn(params: optax.Params) -> AdaptiveClipState:
         return init_history_state(params, window)
 
     def update_fn(
-        updates: Any, state: AdaptiveClipState, params: Any = None
-    ) -> tuple[Any, AdaptiveClipState]:
+        updates: optax.Updates, state: AdaptiveClipState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, AdaptiveClipState]:
         del params
         check_window(state.norms, window, name)
-        norm, has_nonfinite = _norms.global_norm(updates, norm_ord)
+        norm_parts = _norms.norm_parts(updates, norm_ord)
+        norm, has_nonfinite = norm_parts.norm, norm_parts.has_nonfinite
         recordable = recordable_mask(has_nonfinite, nonfinite)
 
         if include_current:
             seen = record_norm(state, norm, norm, record="raw", recordable=recordable)
-            seen_norms, seen_count = seen["norms"], seen["count"]
         else:
-            seen_norms, seen_count = state.norms, state.count
+            seen = state
         threshold = jnp.where(
-            seen_count >= min_history,
-            rule(seen_norms, seen_count),
+            seen.count >= min_history,
+            rule(seen.norms, seen.count),
             warmup_threshold(warmup_max_norm),
         )
         threshold = cap_threshold(threshold, max_norm)
 
-        updates, clipped = _norms.apply_threshold(
-            updates, norm, threshold, has_nonfinite, nonfinite
+        updates, clipped = _norms.apply_threshold(updates, norm_parts, threshold, nonfinite)
+        history = record_norm(state, norm, threshold, record=record, recordable=recordable)
+        clip_count, nonfinite_count = count_events(
+            state.clip_count, state.nonfinite_count, clipped, has_nonfinite
         )
         new_state = AdaptiveClipState(
-            **record_norm(state, norm, threshold, record=record, recordable=recordable),
+            norms=history.norms,
+            count=history.count,
+            next_index=history.next_index,
             last_norm=norm,
             threshold=threshold,
             last_clipped=clipped,
-            **count_events(state.clip_count, state.nonfinite_count, clipped, has_nonfinite),
+            clip_count=clip_count,
+            nonfinite_count=nonfinite_count,
         )
         return updates, new_state
 
@@ -169,18 +182,16 @@ def mean_plus_std_rule(num_std: Any) -> Callable[[jax.Array, jax.Array], jax.Arr
 
 
 def count_events(
-    clip_count: jax.Array,
+    event_count: jax.Array,
     nonfinite_count: jax.Array,
-    clipped: jax.Array,
+    event: jax.Array,
     has_nonfinite: jax.Array,
-) -> dict[str, jax.Array]:
-    """The ``clip_count`` and ``nonfinite_count`` fields after one update."""
-    return {
-        "clip_count": jnp.where(clipped, optax.safe_int32_increment(clip_count), clip_count),
-        "nonfinite_count": jnp.where(
-            has_nonfinite, optax.safe_int32_increment(nonfinite_count), nonfinite_count
-        ),
-    }
+) -> tuple[jax.Array, jax.Array]:
+    """``event_count`` (clips or skips) and ``nonfinite_count`` after one update."""
+    return (
+        jnp.where(event, optax.safe_int32_increment(event_count), event_count),
+        jnp.where(has_nonfinite, optax.safe_int32_increment(nonfinite_count), nonfinite_count),
+    )
 
 
 def check_common_options(

@@ -52,9 +52,10 @@ def mean_std(norm_history: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.
     valid = jnp.arange(norm_history.shape[0]) < count
     valid_count = num_valid(norm_history, count).astype(jnp.float32)
     largest = jnp.max(jnp.where(valid, norm_history, 0.0))
-    # A power of two near the largest norm: dividing by it is exact.
+    # unit = 2**(e - 2) with largest < 2**e: dividing by it is exact, and both it
+    # and its reciprocal (XLA may divide by multiplying) are normal float32 values.
     _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1.0))
-    unit = jnp.ldexp(jnp.ones((), norm_history.dtype), exponent)
+    unit = jnp.ldexp(jnp.ones((), norm_history.dtype), jnp.clip(exponent, -124, 128) - 2)
     scaled = jnp.where(valid, norm_history / unit, 0.0)
     scaled_mean = jnp.sum(scaled) / jnp.maximum(valid_count, 1.0)
     squared_deviations = jnp.where(valid, jnp.square(scaled - scaled_mean), 0.0)

@@ -5,25 +5,47 @@ The norm is accumulated in float32 whatever the leaf dtype. The common case
 that pass returns a non-finite sum is a second, careful pass run, under
 ``jax.lax.cond``, to tell non-finite entries from overflow and to compute the
 norm of the imputed values without overflowing.
+
+Internally a norm is carried as ``mantissa * unit`` where ``unit`` is a power of
+two (1 on the fast path), so that updates whose norm lies beyond float32's
+range can still be scaled exactly to a threshold.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from optax_adaptive_clip import _checks
 
 # NaN becomes 0 and +-inf becomes +-_IMPUTED_MAGNITUDE (capped to the dtype's
 # largest finite value) in "impute" mode, as in the PyTorch prototype.
 _IMPUTED_MAGNITUDE = 1e6
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 NONFINITE_MODES = ("impute", "zero", "propagate")
+
+
+class NormParts(NamedTuple):
+    """A global norm, ``mantissa / inv_unit``, and whether the updates held NaN or inf.
+
+    ``inv_unit`` is a power of two (1 on the fast path) chosen so that
+    ``leaf * inv_unit`` and ``mantissa`` stay in range even when the norm itself
+    exceeds float32's.
+    """
+
+    mantissa: jax.Array
+    inv_unit: jax.Array
+    has_nonfinite: jax.Array
+
+    @property
+    def norm(self) -> jax.Array:
+        """The norm in float32, saturated at float32's largest value."""
+        return jnp.minimum(self.mantissa / self.inv_unit, _FLOAT32_MAX)
 
 
 def _is_float_leaf(leaf: jax.Array) -> bool:
@@ -43,21 +65,20 @@ def _magnitude(leaf: jax.Array) -> jax.Array:
     return jnp.abs(leaf).astype(jnp.float32)
 
 
-def _power_sum(updates: Any, kind: str, p: Any) -> jax.Array:
+def _power_sum(magnitudes: list[jax.Array], kind: str, p: Any) -> jax.Array:
     """``sum |x|^p`` over every element (``max |x|`` for ``kind == "inf"``)."""
-    leaves = jax.tree.leaves(updates)
     if kind == "inf":
         return functools.reduce(
             jnp.maximum,
-            [jnp.max(_magnitude(leaf), initial=0.0) for leaf in leaves],
+            [jnp.max(magnitude, initial=0.0) for magnitude in magnitudes],
             jnp.zeros((), jnp.float32),
         )
     if kind == "1":
-        per_leaf = [jnp.sum(_magnitude(leaf)) for leaf in leaves]
+        per_leaf = [jnp.sum(magnitude) for magnitude in magnitudes]
     elif kind == "2":
-        per_leaf = [jnp.sum(jnp.square(_magnitude(leaf))) for leaf in leaves]
+        per_leaf = [jnp.sum(jnp.square(magnitude)) for magnitude in magnitudes]
     else:
-        per_leaf = [jnp.sum(_magnitude(leaf) ** p) for leaf in leaves]
+        per_leaf = [jnp.sum(magnitude**p) for magnitude in magnitudes]
     return sum(per_leaf, jnp.zeros((), jnp.float32))
 
 
@@ -69,19 +90,112 @@ def _root(power_sum: jax.Array, kind: str, p: Any) -> jax.Array:
     return power_sum ** (1.0 / p)
 
 
-def _careful_norm(updates: Any, kind: str, p: Any) -> tuple[jax.Array, jax.Array]:
-    """Norm of the imputed updates, scaled by their largest entry so it cannot overflow."""
-    has_nonfinite = optax.tree.sum(
-        jax.tree.map(lambda leaf: jnp.any(~jnp.isfinite(leaf)), updates)
-    ) > 0
-    imputed = jax.tree.map(impute_nonfinite, updates)
-    largest = _power_sum(imputed, "inf", p)
-    if kind == "inf":
-        return largest, has_nonfinite
-    safe_largest = jnp.where(largest > 0, largest, 1.0)
-    normalised = jax.tree.map(lambda leaf: _magnitude(leaf) / safe_largest, imputed)
-    norm = safe_largest * _root(_power_sum(normalised, kind, p), kind, p)
-    return norm, has_nonfinite
+# Rows of the careful pass's reduction: its combiner folds elements one after the
+# other, so rows keep the rounding error of each partial sum small.
+_ROW = 1024
+# Exponents e for which 2**(2 - e) is a normal, finite float32.
+_MIN_EXPONENT, _MAX_EXPONENT = -125, 128
+
+
+class _ScaledSum(NamedTuple):
+    """``sum |x|^p`` as ``largest^p * scaled_sum``, and whether any x was NaN or inf.
+
+    For a general p, ``largest`` holds ``max p*log|x|`` and ``scaled_sum`` the sum of
+    ``exp(p*log|x| - largest)``: the reduction must not depend on a traced p.
+    """
+
+    largest: jax.Array
+    scaled_sum: jax.Array
+    nonfinite: jax.Array
+
+
+def _scaled_sum_reducer(kind: str):
+    """Combines two :class:`_ScaledSum` partial results without overflowing."""
+
+    def rescale(smaller: jax.Array, largest: jax.Array) -> jax.Array:
+        """The factor a partial sum at scale ``smaller`` takes at scale ``largest``."""
+        if kind == "p":
+            return jnp.exp(smaller - largest)
+        ratio = jnp.where(largest > 0, smaller / largest, 0.0)
+        if kind == "1":
+            return ratio
+        if kind == "2":
+            return ratio * ratio
+        return jnp.zeros_like(ratio)  # "inf": only the largest counts
+
+    def combine(left: tuple, right: tuple) -> tuple:
+        (left_largest, left_sum, left_nonfinite) = left
+        (right_largest, right_sum, right_nonfinite) = right
+        left_wins = left_largest >= right_largest
+        largest = jnp.where(left_wins, left_largest, right_largest)
+        smaller = jnp.where(left_wins, right_largest, left_largest)
+        kept_sum = jnp.where(left_wins, left_sum, right_sum)
+        rescaled_sum = jnp.where(left_wins, right_sum, left_sum)
+        return (
+            largest,
+            kept_sum + rescaled_sum * rescale(smaller, largest),
+            jnp.maximum(left_nonfinite, right_nonfinite),
+        )
+
+    return combine
+
+
+def _reduce_scaled(parts: _ScaledSum, axis: int, kind: str) -> _ScaledSum:
+    # The identity: for a general p the scale is a log, whose zero is -inf.
+    empty_scale = -jnp.inf if kind == "p" else 0.0
+    init = tuple(jnp.asarray(value, jnp.float32) for value in (empty_scale, 0.0, 0.0))
+    return _ScaledSum(*jax.lax.reduce(tuple(parts), init, _scaled_sum_reducer(kind), (axis,)))
+
+
+def _leaf_scaled_sum(leaf: jax.Array, kind: str, p: Any) -> _ScaledSum:
+    """One pass over ``leaf``, fused: a general ``lax.reduce`` materialises nothing."""
+    flat = leaf.reshape(-1)
+    # Magnitudes beyond float32's range (float64 leaves) count as its largest value.
+    magnitude = jnp.minimum(jnp.abs(impute_nonfinite(flat)).astype(jnp.float32), _FLOAT32_MAX)
+    if kind == "p":
+        scale = jnp.where(magnitude > 0, p * jnp.log(magnitude), -jnp.inf)
+    else:
+        scale = magnitude
+    elements = _ScaledSum(
+        scale,
+        (magnitude > 0).astype(jnp.float32),
+        (~jnp.isfinite(flat)).astype(jnp.float32),
+    )
+    rows = flat.shape[0] // _ROW
+    in_rows = _reduce_scaled(
+        _ScaledSum(*(x[: rows * _ROW].reshape(rows, _ROW) for x in elements)), 1, kind
+    )
+    tail = _reduce_scaled(_ScaledSum(*(x[rows * _ROW :] for x in elements)), 0, kind)
+    return _reduce_scaled(
+        _ScaledSum(*(jnp.append(x, y) for x, y in zip(in_rows, tail, strict=True))), 0, kind
+    )
+
+
+def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
+    """Norm of the imputed updates, kept in range by scaling partial sums."""
+    per_leaf = [_leaf_scaled_sum(leaf, kind, p) for leaf in jax.tree.leaves(updates)]
+    if not per_leaf:
+        return NormParts(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32), jnp.zeros((), bool))
+    total = _reduce_scaled(
+        _ScaledSum(*(jnp.stack(x) for x in zip(*per_leaf, strict=True))), 0, kind
+    )
+    if kind == "p":
+        # log2 of the norm; -inf for a zero norm.
+        log2_norm = (total.largest + jnp.log(total.scaled_sum)) / (p * jnp.log(2.0))
+        exponent = jnp.where(jnp.isfinite(log2_norm), jnp.ceil(log2_norm), 0.0)
+        exponent = jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT).astype(jnp.int32)
+        inv_unit = jnp.ldexp(jnp.ones((), jnp.float32), 2 - exponent)
+        mantissa = jnp.where(jnp.isfinite(log2_norm), jnp.exp2(log2_norm + 2 - exponent), 0.0)
+        return NormParts(mantissa, inv_unit, total.nonfinite > 0)
+    # inv_unit = 2**(2 - e) with largest < 2**e: entries times it stay below 4, and
+    # it is a normal float32 (>= 2**-126) even for float32's largest value.
+    _, exponent = jnp.frexp(jnp.where(total.largest > 0, total.largest, 1.0))
+    exponent = jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT)
+    inv_unit = jnp.ldexp(jnp.ones((), jnp.float32), 2 - exponent)
+    mantissa = total.largest * inv_unit
+    if kind != "inf":
+        mantissa *= _root(total.scaled_sum, kind, p)
+    return NormParts(mantissa, inv_unit, total.nonfinite > 0)
 
 
 def _kind_of(norm_ord: Any) -> str:
@@ -93,12 +207,38 @@ def _kind_of(norm_ord: Any) -> str:
     return "p"
 
 
-def _static_global_norm(updates: Any, kind: str, p: Any) -> tuple[jax.Array, jax.Array]:
-    power_sum = _power_sum(updates, kind, p)
+def _static_norm_parts(updates: Any, kind: str, p: Any) -> NormParts:
+    power_sum = _power_sum([_magnitude(leaf) for leaf in jax.tree.leaves(updates)], kind, p)
+    # Rare path: NaN or inf in the updates, or a norm so large or small that its
+    # reciprocal (XLA may divide by multiplying) or its squares would leave float32's
+    # normal range; all-zero updates too, as their squares may have underflowed.
+    in_range = (power_sum >= 2.0**-100) & (power_sum <= 2.0**100)
     return jax.lax.cond(
-        jnp.isfinite(power_sum),
-        lambda: (_root(power_sum, kind, p), jnp.zeros((), bool)),
+        in_range,
+        lambda: NormParts(
+            _root(power_sum, kind, p), jnp.ones((), jnp.float32), jnp.zeros((), bool)
+        ),
         lambda: _careful_norm(updates, kind, p),
+    )
+
+
+def norm_parts(updates: Any, norm_ord: Any = 2) -> NormParts:
+    """The global ``norm_ord``-norm of ``updates`` as :class:`NormParts`.
+
+    ``norm_ord`` may be a traced scalar (as under ``optax.inject_hyperparams``);
+    the matching reduction is then picked with ``lax.switch``.
+    """
+    if not _checks.is_traced(norm_ord):
+        return _static_norm_parts(updates, _kind_of(norm_ord), norm_ord)
+    p = jnp.asarray(norm_ord, jnp.float32)
+    branch = jnp.select([p == 1.0, p == 2.0, jnp.isinf(p)], [0, 1, 2], default=3)
+    return jax.lax.switch(
+        branch,
+        [
+            functools.partial(_static_norm_parts, kind=kind, p=p)
+            for kind in ("1", "2", "inf", "p")
+        ],
+        updates,
     )
 
 
@@ -111,9 +251,9 @@ def global_norm(updates: Any, norm_ord: Any = 2) -> tuple[jax.Array, jax.Array]:
         scalar (as under ``optax.inject_hyperparams``).
 
     Returns:
-      ``(norm, has_nonfinite)``: a float32 scalar, finite unless the true norm
-      exceeds float32's range, computed over the updates with NaN read as 0 and
-      +-inf as +-1e6; and a bool scalar.
+      ``(norm, has_nonfinite)``: a float32 scalar computed over the updates with
+      NaN read as 0 and +-inf as +-1e6, saturated at float32's largest value
+      (never inf or NaN); and a bool scalar.
 
     Example:
       >>> import jax.numpy as jnp
@@ -123,28 +263,17 @@ def global_norm(updates: Any, norm_ord: Any = 2) -> tuple[jax.Array, jax.Array]:
       >>> global_norm([jnp.array([jnp.nan, 2.0])], norm_ord=1)
       (Array(2., dtype=float32), Array(True, dtype=bool))
     """
-    if not _checks.is_traced(norm_ord):
-        return _static_global_norm(updates, _kind_of(norm_ord), norm_ord)
-    p = jnp.asarray(norm_ord, jnp.float32)
-    branch = jnp.select([p == 1.0, p == 2.0, jnp.isinf(p)], [0, 1, 2], default=3)
-    return jax.lax.switch(
-        branch,
-        [
-            functools.partial(_static_global_norm, kind=kind, p=p)
-            for kind in ("1", "2", "inf", "p")
-        ],
-        updates,
-    )
+    parts = norm_parts(updates, norm_ord)
+    return parts.norm, parts.has_nonfinite
 
 
 def apply_threshold(
     updates: Any,
-    norm: jax.Array,
+    parts: NormParts,
     threshold: jax.Array,
-    has_nonfinite: jax.Array,
     nonfinite: str,
 ) -> tuple[Any, jax.Array]:
-    """Scales ``updates`` to norm ``threshold`` when ``norm > threshold``.
+    """Scales ``updates`` to norm ``threshold`` when their norm exceeds it.
 
     Non-finite entries are handled by ``nonfinite``: ``"impute"`` replaces them
     (see :func:`impute_nonfinite`) and clips as usual; ``"zero"`` returns zeros;
@@ -154,19 +283,21 @@ def apply_threshold(
       ``(new_updates, clipped)``, ``clipped`` a bool scalar. Leaves keep their
       dtype; leaves that are not scaled come back bit-identical.
     """
-    clipped = norm > threshold
+    clipped = parts.mantissa > threshold * parts.inv_unit
     if nonfinite != "impute":
-        clipped &= ~has_nonfinite
-    # The divisor is never 0: where it would be, `clipped` is False (norm <= threshold).
-    scale = threshold / jnp.where(clipped, norm, 1.0)
+        clipped &= ~parts.has_nonfinite
+    # Never 0 where it is used: there the norm exceeds a threshold >= 0.
+    mantissa = jnp.where(clipped, parts.mantissa, 1.0)
 
     def scale_leaf(leaf: jax.Array) -> jax.Array:
         if nonfinite == "impute":
             leaf = impute_nonfinite(leaf)
-        # Multiplying by a float32 scalar promotes bf16/f16 to float32 for the product.
-        new_leaf = jnp.where(clipped, (leaf * scale).astype(leaf.dtype), leaf)
+        # Divide, then multiply (as optax.clip_by_global_norm): the ratio
+        # threshold / norm alone may underflow. The float32 scalars promote bf16/f16.
+        scaled = (leaf * parts.inv_unit / mantissa * threshold).astype(leaf.dtype)
+        new_leaf = jnp.where(clipped, scaled, leaf)
         if nonfinite == "zero":
-            new_leaf = jnp.where(has_nonfinite, jnp.zeros_like(leaf), new_leaf)
+            new_leaf = jnp.where(parts.has_nonfinite, jnp.zeros_like(leaf), new_leaf)
         return new_leaf
 
     return jax.tree.map(scale_leaf, updates), clipped

@@ -96,7 +96,7 @@ def skip_on_spike(
     inner = optax.with_extra_args_support(inner)
     outlier_threshold = _clipping.mean_plus_std_rule(num_std)
 
-    def init_fn(params: Any) -> SkipOnSpikeState:
+    def init_fn(params: optax.Params) -> SkipOnSpikeState:
         history = _clipping.init_history_state(params, window)
         return SkipOnSpikeState(
             inner_state=inner.init(params),
@@ -111,8 +111,11 @@ def skip_on_spike(
         )
 
     def update_fn(
-        updates: Any, state: SkipOnSpikeState, params: Any = None, **extra_args: Any
-    ) -> tuple[Any, SkipOnSpikeState]:
+        updates: optax.Updates,
+        state: SkipOnSpikeState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, SkipOnSpikeState]:
         _clipping.check_window(state.norms, window, "skip_on_spike")
         norm, has_nonfinite = _norms.global_norm(updates, norm_ord)
         threshold = jnp.where(
@@ -131,18 +134,23 @@ def skip_on_spike(
             return zeros, state.inner_state
 
         new_updates, inner_state = jax.lax.cond(skipped, skip_inner, run_inner)
-        recordable = _clipping.recordable_mask(has_nonfinite, "zero")
-        events = _clipping.count_events(
+        # Non-finite gradients are skipped and never recorded.
+        history = _clipping.record_norm(
+            state, norm, threshold, record=record, recordable=~has_nonfinite
+        )
+        skip_count, nonfinite_count = _clipping.count_events(
             state.skip_count, state.nonfinite_count, skipped, has_nonfinite
         )
         new_state = SkipOnSpikeState(
             inner_state=inner_state,
-            **_clipping.record_norm(state, norm, threshold, record=record, recordable=recordable),
+            norms=history.norms,
+            count=history.count,
+            next_index=history.next_index,
             last_norm=norm,
             threshold=threshold,
             last_skipped=skipped,
-            skip_count=events["clip_count"],
-            nonfinite_count=events["nonfinite_count"],
+            skip_count=skip_count,
+            nonfinite_count=nonfinite_count,
         )
         return new_updates, new_state
 

@@ -29,50 +29,55 @@ def _find_clip_states(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
     return found
 
 
-def _key_name(key: Any) -> str | None:
-    """A path entry's name; ``None`` for named-tuple fields such as ``inner_state``."""
+def _key_name(key: Any) -> str:
     if isinstance(key, jax.tree_util.DictKey):
         return str(key.key)
     if isinstance(key, jax.tree_util.SequenceKey):
         return str(key.idx)
-    if isinstance(key, str):
-        return key
-    return None
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    return str(key)
 
 
 def _labels(paths: list[tuple]) -> list[str]:
-    """Short unique labels: the dict keys on each path (the ``multi_transform`` labels),
-    or the path's keys and indices where those do not tell the states apart."""
-    if len(paths) == 1:
-        return [""]
+    """Short unique labels for the states at ``paths``.
+
+    The dict keys on each path (the ``multi_transform`` labels) when they tell
+    the states apart; else every key, index and field name on the path.
+    """
     labels = [
-        "/".join(str(key.key) for key in path if isinstance(key, jax.tree_util.DictKey))
+        "/".join(_key_name(key) for key in path if isinstance(key, jax.tree_util.DictKey))
         for path in paths
     ]
-    if len(set(labels)) < len(labels) or "" in labels:
-        names = [[_key_name(key) for key in path] for path in paths]
-        labels = ["/".join(name for name in path if name is not None) for path in names]
-        labels = [label or "outer" for label in labels]
+    if len(set(labels)) < len(labels) or (len(labels) > 1 and "" in labels):
+        labels = ["/".join(_key_name(key) for key in path) or "outer" for path in paths]
     return labels
 
 
 def _state_stats(state: Any) -> dict[str, jax.Array]:
     if isinstance(state, SkipOnSpikeState):
-        events, event_count, event_name = state.last_skipped, state.skip_count, "skip"
-    else:
-        events, event_count, event_name = state.last_clipped, state.clip_count, "clip"
+        # Every update is either recorded or non-finite (and then skipped).
+        updates_seen = state.count.astype(jnp.float32) + state.nonfinite_count
+        return {
+            "norm": state.last_norm,
+            "threshold": state.threshold,
+            "skipped": state.last_skipped,
+            "skip_count": state.skip_count,
+            "skip_fraction": state.skip_count / jnp.maximum(updates_seen, 1.0),
+            "nonfinite_count": state.nonfinite_count,
+            "history_size": jnp.minimum(state.count, state.norms.shape[0]),
+        }
     if isinstance(state, ZClipState):
-        history_size = state.count
+        steps, history_size = state.num_updates, state.count
     else:
-        history_size = jnp.minimum(state.count, state.norms.shape[0])
-    steps = jnp.maximum(state.count, 1).astype(jnp.float32)
-    past = "skipped" if event_name == "skip" else "clipped"
+        # Every clipped update is recorded.
+        steps, history_size = state.count, jnp.minimum(state.count, state.norms.shape[0])
     return {
         "norm": state.last_norm,
         "threshold": state.threshold,
-        past: events,
-        f"{event_name}_count": event_count,
-        f"{event_name}_fraction": jnp.minimum(event_count.astype(jnp.float32) / steps, 1.0),
+        "clipped": state.last_clipped,
+        "clip_count": state.clip_count,
+        "clip_fraction": state.clip_count / jnp.maximum(steps, 1).astype(jnp.float32),
         "nonfinite_count": state.nonfinite_count,
         "history_size": history_size,
     }
@@ -96,11 +101,12 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     * ``nonfinite_count``: updates that held NaN or inf;
     * ``history_size``: norms the statistics rest on.
 
-    With several clippers each key is prefixed by a label: the
-    ``multi_transform`` label (``"encoder/norm"``), or else the keys and
-    indices of the path to the state (``"0/norm"`` for the first element of a
-    chain; ``"outer"`` for a :func:`skip_on_spike` wrapping other clippers,
-    whose own clippers sit under ``"inner"``).
+    Keys carry the ``multi_transform`` label of their clipper when there is
+    one (``"encoder/norm"``). Where labels do not tell several clippers apart,
+    the keys, indices and field names of the path to each state are used
+    (``"0/norm"`` for the first element of a chain; ``"outer"`` for a
+    :func:`skip_on_spike` that wraps other clippers, whose own states sit under
+    ``"inner/..."``).
 
     Args:
       opt_state: an optimizer state holding any number of clipper states.
@@ -124,7 +130,8 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     """
     found = _find_clip_states(opt_state)
     stats = {}
-    for label, (_, state) in zip(_labels([path for path, _ in found]), found, strict=True):
+    labels = _labels([path for path, _ in found])
+    for label, (_, state) in zip(labels, found, strict=True):
         prefix = f"{label}/" if label else ""
         stats.update({prefix + name: value for name, value in _state_stats(state).items()})
     return stats

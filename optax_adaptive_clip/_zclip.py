@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import optax
 from optax_adaptive_clip import _checks, _clipping, _norms
 
 CLIP_OPTIONS = ("adaptive_scaling", "mean")
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 class ZClipState(NamedTuple):
@@ -18,6 +19,9 @@ class ZClipState(NamedTuple):
 
     count: jax.Array
     """int32, norms folded into the statistics so far (saturating)."""
+    num_updates: jax.Array
+    """int32, updates seen so far (saturating); differs from ``count`` when
+    spikes or non-finite updates are kept out of the statistics."""
     mean: jax.Array
     """float32, mean of the warmup norms, then their exponential moving average."""
     var: jax.Array
@@ -110,12 +114,13 @@ def zclip(
         nonfinite=nonfinite,
     )
 
-    def init_fn(params: Any) -> ZClipState:
+    def init_fn(params: optax.Params) -> ZClipState:
         del params
         zero_count = jnp.zeros((), jnp.int32)
         zero = jnp.zeros((), jnp.float32)
         return ZClipState(
             count=zero_count,
+            num_updates=zero_count,
             mean=zero,
             var=zero,
             last_norm=zero,
@@ -126,10 +131,11 @@ def zclip(
         )
 
     def update_fn(
-        updates: Any, state: ZClipState, params: Any = None
-    ) -> tuple[Any, ZClipState]:
+        updates: optax.Updates, state: ZClipState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, ZClipState]:
         del params
-        norm, has_nonfinite = _norms.global_norm(updates, norm_ord)
+        norm_parts = _norms.norm_parts(updates, norm_ord)
+        norm, has_nonfinite = norm_parts.norm, norm_parts.has_nonfinite
         recordable = _clipping.recordable_mask(has_nonfinite, nonfinite)
         warmed_up = state.count >= warmup_steps
 
@@ -141,13 +147,13 @@ def zclip(
         else:
             # Dividing by z is safe: it is only used where z > z_thresh > 0.
             clip_value = state.mean + z_thresh * std * z_thresh / jnp.where(spike, z, 1.0)
-        # Below a spike the threshold is where one would start: z == z_thresh.
-        onset = state.mean + z_thresh * (std + eps)
-        threshold = jnp.where(spike, clip_value, jnp.where(warmed_up, onset, jnp.inf))
-        threshold = _clipping.cap_threshold(threshold, max_norm)
-        updates, clipped = _norms.apply_threshold(
-            updates, norm, threshold, has_nonfinite, nonfinite
-        )
+        # The spike test alone decides: a norm a rounding error above the onset
+        # computed below, but with z == z_thresh, must pass untouched.
+        clip_at = _clipping.cap_threshold(jnp.where(spike, clip_value, jnp.inf), max_norm)
+        updates, clipped = _norms.apply_threshold(updates, norm_parts, clip_at, nonfinite)
+        # Reported threshold: where clipping starts (z == z_thresh) unless it happened.
+        onset = jnp.where(warmed_up, state.mean + z_thresh * (std + eps), jnp.inf)
+        threshold = _clipping.cap_threshold(jnp.where(spike, clip_value, onset), max_norm)
 
         # Warmup: running mean and population variance (Welford's update).
         n = (state.count + 1).astype(jnp.float32)
@@ -157,22 +163,24 @@ def zclip(
         applied = jnp.where(spike, jnp.minimum(norm, clip_value), norm)
         ema_mean = alpha * state.mean + (1.0 - alpha) * applied
         ema_var = alpha * state.var + (1.0 - alpha) * jnp.square(applied - ema_mean)
-        new_mean = jnp.where(warmed_up, ema_mean, warm_mean)
-        new_var = jnp.where(warmed_up, ema_var, warm_var)
+        # Saturating keeps huge norms from turning the statistics into inf, then NaN.
+        new_mean = jnp.where(warmed_up, ema_mean, warm_mean).astype(jnp.float32)
+        new_var = jnp.minimum(jnp.where(warmed_up, ema_var, warm_var), _FLOAT32_MAX)
 
-        folds = recordable
-        if skip_update_on_spike:
-            folds &= ~spike
+        folds = recordable & ~spike if skip_update_on_spike else recordable
+        clip_count, nonfinite_count = _clipping.count_events(
+            state.clip_count, state.nonfinite_count, clipped, has_nonfinite
+        )
         new_state = ZClipState(
             count=jnp.where(folds, optax.safe_int32_increment(state.count), state.count),
+            num_updates=optax.safe_int32_increment(state.num_updates),
             mean=jnp.where(folds, new_mean, state.mean),
-            var=jnp.where(folds, new_var, state.var),
+            var=jnp.where(folds, new_var.astype(jnp.float32), state.var),
             last_norm=norm,
             threshold=threshold,
             last_clipped=clipped,
-            **_clipping.count_events(
-                state.clip_count, state.nonfinite_count, clipped, has_nonfinite
-            ),
+            clip_count=clip_count,
+            nonfinite_count=nonfinite_count,
         )
         return updates, new_state
 

@@ -1,0 +1,195 @@
+"""Extreme values and long runs: huge norms, overflow, saturation, x64, labels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_adaptive_clip as oac
+
+INT32_MAX = np.iinfo(np.int32).max
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def assert_no_nan(state):
+    for leaf in jax.tree.leaves(state):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            assert not bool(jnp.isnan(leaf).any()), state
+
+
+def test_complex_leaves_use_the_modulus():
+    norm, _ = oac.global_norm([jnp.array([3.0 + 4.0j, 0.0])])
+    assert float(norm) == pytest.approx(5.0)
+    tx = oac.adaptive_clip(window=2, max_norm=1.0)
+    grad = jnp.array([3.0 + 4.0j, 0.0 - 0.0j], jnp.complex64)
+    out, _ = tx.update(grad, tx.init(grad))
+    np.testing.assert_allclose(np.asarray(out), [0.6 + 0.8j, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("huge", [3e38, FLOAT32_MAX])
+def test_huge_recorded_norm_keeps_statistics_finite(huge):
+    tx = oac.adaptive_clip(window=3, min_history=2, max_norm=1.0)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(2))
+    for grad in ([huge, 0.0], [1.0, 0.0], [3.0, 4.0]):
+        out, state = update(jnp.array(grad, jnp.float32), state)
+        assert_no_nan(state)
+    # The cap still applies after a huge norm entered the history.
+    np.testing.assert_allclose(np.asarray(out), [0.6, 0.8], rtol=1e-6)
+    mean, std = oac.history_mean_std(state.norms, state.count)
+    assert np.isfinite(float(mean)) and not np.isnan(float(std))
+
+
+def test_norm_beyond_float32_range_is_clipped_exactly_with_direction_kept():
+    grad = jnp.array([3e38, -3e38, 1.0], jnp.float32)  # norm 4.2e38 > float32's max
+    norm, has_nonfinite = oac.global_norm(grad)
+    assert float(norm) == FLOAT32_MAX and not bool(has_nonfinite)
+    tx = oac.adaptive_clip(window=2, max_norm=2.0)
+    out, state = jax.jit(tx.update)(grad, tx.init(grad))
+    np.testing.assert_allclose(np.asarray(out), [np.sqrt(2.0), -np.sqrt(2.0), 0.0], atol=1e-6)
+    assert float(state.norms[0]) == FLOAT32_MAX
+    bf16_out, _ = tx.update(grad.astype(jnp.bfloat16), tx.init(grad))
+    np.testing.assert_allclose(np.asarray(bf16_out, np.float32)[:2], [1.414, -1.414], rtol=1e-2)
+
+
+def test_tiny_threshold_over_large_norm_does_not_underflow_to_zero():
+    tx = oac.adaptive_clip(window=2, max_norm=1e-21)
+    out, _ = jax.jit(tx.update)(jnp.array([1e18, 0.0]), tx.init(jnp.zeros(2)))
+    np.testing.assert_allclose(np.asarray(out), [1e-21, 0.0], rtol=1e-6)
+
+
+def test_float64_values_beyond_float32_range_never_make_nan():
+    with jax.enable_x64(True):
+        tx = oac.adaptive_clip(window=2, min_history=2, max_norm=1.0)
+        state = tx.init(jnp.zeros(2, jnp.float64))
+        for grad in ([1e300, 1.0], [1.0, 0.0], [3.0, 4.0]):
+            out, state = tx.update(jnp.array(grad, jnp.float64), state)
+            assert_no_nan(state)
+            if grad[0] == 1e300:
+                # Counted as float32's largest value.
+                assert float(state.last_norm) == FLOAT32_MAX
+        np.testing.assert_allclose(np.asarray(out), [0.6, 0.8], rtol=1e-6)
+
+
+@pytest.mark.parametrize("huge", [3e38, 1e30])
+def test_zclip_statistics_survive_huge_norms(huge):
+    tx = oac.zclip(warmup_steps=2)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(2))
+    for grad in ([1.0, 0.0], [huge, huge], [1.0, 0.0], [2.0, 0.0], [huge, 0.0], [1.0, 1.0]):
+        _, state = update(jnp.array(grad, jnp.float32), state)
+        assert_no_nan(state)
+    assert np.isfinite(float(state.mean)) and np.isfinite(float(state.var))
+
+
+def test_zclip_spike_test_alone_decides_at_the_boundary():
+    # A norm whose z-score rounds to exactly z_thresh: not a spike, so untouched,
+    # even though it lies one rounding error above mean + z_thresh * (std + eps).
+    tx = oac.zclip(warmup_steps=1)
+    state = tx.init(jnp.zeros(1))._replace(
+        count=jnp.int32(5),
+        mean=jnp.float32(1.3306957483291626),
+        var=jnp.float32(0.3443825840950012),
+    )
+    grad = jnp.array([2.7978012561798096], jnp.float32)
+    out, after = jax.jit(tx.update)(grad, state)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(grad))
+    assert not bool(after.last_clipped)
+
+
+def test_counters_saturate_while_the_ring_keeps_turning():
+    tx = oac.adaptive_clip(window=4, num_std=0.0)
+    state = tx.init(jnp.zeros(2))._replace(
+        norms=jnp.array([1.0, 2.0, 3.0, 4.0]),
+        count=jnp.int32(INT32_MAX - 1),
+        next_index=jnp.int32(3),
+        clip_count=jnp.int32(INT32_MAX),
+        nonfinite_count=jnp.int32(INT32_MAX),
+    )
+    update = jax.jit(tx.update)
+    for value in (5.0, 6.0, 7.0):
+        _, state = update(jnp.array([value, 0.0]), state)
+    assert int(state.count) == INT32_MAX
+    assert int(state.clip_count) == INT32_MAX
+    # Oldest first: slot 3 got 5, then slots 0 and 1 got 6 and 7.
+    np.testing.assert_allclose(np.asarray(state.norms), [6.0, 7.0, 3.0, 5.0])
+    assert int(state.next_index) == 2
+    _, state = update(jnp.array([jnp.nan, 0.0]), state)
+    assert int(state.nonfinite_count) == INT32_MAX
+    assert 0.0 <= float(oac.clip_stats(state)["clip_fraction"]) <= 1.0
+
+
+def test_fractions_count_every_update():
+    skip = oac.skip_on_spike(optax.sgd(0.1), window=2, num_std=0.0)
+    state = skip.init(jnp.zeros(1))
+    for grad in (1.0, 2.0, jnp.nan, 9.0):  # the NaN and the 9 are skipped
+        _, state = skip.update(jnp.array([grad]), state)
+    assert float(oac.clip_stats(state)["skip_fraction"]) == pytest.approx(2 / 4)
+
+    zclip = oac.zclip(warmup_steps=2, skip_update_on_spike=True)
+    state = zclip.init(jnp.zeros(1))
+    for grad in (1.0, 1.1, 50.0, 60.0):  # both spikes clipped, neither folded in
+        _, state = zclip.update(jnp.array([grad]), state)
+    stats = oac.clip_stats(state)
+    assert int(state.count) == 2 and int(stats["clip_count"]) == 2
+    assert float(stats["clip_fraction"]) == pytest.approx(2 / 4)
+
+
+def test_float64_hyperparameters_keep_the_state_float32():
+    with jax.enable_x64(True):
+        for tx in (
+            oac.adaptive_clip(window=2, num_std=np.float64(1.0), max_norm=np.float64(5.0)),
+            oac.zclip(alpha=np.float64(0.9), warmup_steps=1),
+            optax.inject_hyperparams(oac.adaptive_clip, static_args=("window",))(window=2),
+        ):
+            params = jnp.zeros(2, jnp.float64)
+            state = tx.init(params)
+            dtypes = jax.tree.map(lambda leaf: leaf.dtype, state)
+
+            def body(state, grad, tx=tx, params=params):
+                return tx.update(grad, state, params)[1], None
+
+            grads = jnp.arange(12, dtype=jnp.float64).reshape(6, 2)
+            state, _ = jax.lax.scan(body, state, grads)
+            assert jax.tree.map(lambda leaf: leaf.dtype, state) == dtypes
+
+
+def test_single_clipper_under_multi_transform_carries_its_label():
+    params = {"enc": jnp.zeros(2), "dec": jnp.zeros(2)}
+    tx = optax.multi_transform(
+        {"enc": oac.adaptive_clip(window=2), "dec": optax.sgd(0.1)}, {"enc": "enc", "dec": "dec"}
+    )
+    assert set(oac.clip_stats(tx.init(params))) == {
+        "enc/norm", "enc/threshold", "enc/clipped", "enc/clip_count", "enc/clip_fraction",
+        "enc/nonfinite_count", "enc/history_size",
+    }
+
+
+def test_labels_fall_back_to_field_names():
+    class TwoClippers(tuple):
+        pass
+
+    state = {"first": oac.adaptive_clip(window=2).init(jnp.zeros(1))}
+    state["first_again"] = oac.adaptive_clip(window=3).init(jnp.zeros(1))
+    stats = oac.clip_stats(state)
+    assert int(stats["first/history_size"]) == 0 and "first_again/norm" in stats
+    nested = oac.clip_stats((state["first"], state["first_again"]))
+    assert {"0/norm", "1/norm"} <= set(nested)
+
+
+@pytest.mark.parametrize("norm_ord", [1, 2, 3, float("inf")])
+@pytest.mark.parametrize("magnitude", [1e-25, 1e-12, 1e12, 1e30, 1e38])
+def test_clipping_is_exact_across_float32_range(norm_ord, magnitude):
+    grad = jnp.array([magnitude, -magnitude / 2, magnitude / 4], jnp.float32)
+    norm, _ = oac.global_norm(grad, norm_ord)
+    expected_norm = np.linalg.norm(np.asarray(grad, np.float64), ord=norm_ord)
+    np.testing.assert_allclose(float(norm), min(expected_norm, FLOAT32_MAX), rtol=1e-5)
+    cap = magnitude * 1e-3
+    tx = oac.adaptive_clip(window=2, norm_ord=norm_ord, max_norm=cap)
+    out, _ = jax.jit(tx.update)(grad, tx.init(grad))
+    np.testing.assert_allclose(
+        np.asarray(out, np.float64), np.asarray(grad, np.float64) * cap / expected_norm, rtol=1e-5
+    )
