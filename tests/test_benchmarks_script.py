@@ -1,0 +1,47 @@
+"""The benchmark script runs end to end in its ``--quick`` mode and writes its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_clipping.py"
+TIMEOUT_SECONDS = 120
+
+
+def test_quick_benchmark_writes_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "clipping"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--quick", "--out", str(out)],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    assert "| params | dtype | variant |" in completed.stdout
+
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["machine"]["jax"]
+    assert results["machine"]["cpu_count"] >= 1
+    variants = {(row["dtype"], row["variant"]) for row in results["timings"]}
+    assert {
+        ("float32", "adaptive_clip(w=32)"),
+        ("float32", "adaptive_clip(w=65536)"),
+        ("float32", "clip_by_global_norm"),
+        ("float32", "chain(adaptive_clip, adam)"),
+        ("float32", "chain(clip_by_global_norm, adam)"),
+        ("float32", "adam"),
+        ("float32", "eager_host_clip"),
+        ("bfloat16", "adaptive_clip(w=32)"),
+    } <= variants
+    for row in results["timings"]:
+        assert row["median_seconds"] > 0
+        if row["variant"] != "eager_host_clip":
+            assert row["temp_size_in_bytes"] is not None
+    assert any("ratio_of_medians" in row for row in results["comparisons"])
+    assert out.with_suffix(".md").read_text().startswith("## Adaptive clipping benchmark")
