@@ -90,112 +90,38 @@ def _root(power_sum: jax.Array, kind: str, p: Any) -> jax.Array:
     return power_sum ** (1.0 / p)
 
 
-# Rows of the careful pass's reduction: its combiner folds elements one after the
-# other, so rows keep the rounding error of each partial sum small.
-_ROW = 1024
 # Exponents e for which 2**(2 - e) is a normal, finite float32.
 _MIN_EXPONENT, _MAX_EXPONENT = -125, 128
 
 
-class _ScaledSum(NamedTuple):
-    """``sum |x|^p`` as ``largest^p * scaled_sum``, and whether any x was NaN or inf.
-
-    For a general p, ``largest`` holds ``max p*log|x|`` and ``scaled_sum`` the sum of
-    ``exp(p*log|x| - largest)``: the reduction must not depend on a traced p.
-    """
-
-    largest: jax.Array
-    scaled_sum: jax.Array
-    nonfinite: jax.Array
-
-
-def _scaled_sum_reducer(kind: str):
-    """Combines two :class:`_ScaledSum` partial results without overflowing."""
-
-    def rescale(smaller: jax.Array, largest: jax.Array) -> jax.Array:
-        """The factor a partial sum at scale ``smaller`` takes at scale ``largest``."""
-        if kind == "p":
-            return jnp.exp(smaller - largest)
-        ratio = jnp.where(largest > 0, smaller / largest, 0.0)
-        if kind == "1":
-            return ratio
-        if kind == "2":
-            return ratio * ratio
-        return jnp.zeros_like(ratio)  # "inf": only the largest counts
-
-    def combine(left: tuple, right: tuple) -> tuple:
-        (left_largest, left_sum, left_nonfinite) = left
-        (right_largest, right_sum, right_nonfinite) = right
-        left_wins = left_largest >= right_largest
-        largest = jnp.where(left_wins, left_largest, right_largest)
-        smaller = jnp.where(left_wins, right_largest, left_largest)
-        kept_sum = jnp.where(left_wins, left_sum, right_sum)
-        rescaled_sum = jnp.where(left_wins, right_sum, left_sum)
-        return (
-            largest,
-            kept_sum + rescaled_sum * rescale(smaller, largest),
-            jnp.maximum(left_nonfinite, right_nonfinite),
-        )
-
-    return combine
-
-
-def _reduce_scaled(parts: _ScaledSum, axis: int, kind: str) -> _ScaledSum:
-    # The identity: for a general p the scale is a log, whose zero is -inf.
-    empty_scale = -jnp.inf if kind == "p" else 0.0
-    init = tuple(jnp.asarray(value, jnp.float32) for value in (empty_scale, 0.0, 0.0))
-    return _ScaledSum(*jax.lax.reduce(tuple(parts), init, _scaled_sum_reducer(kind), (axis,)))
-
-
-def _leaf_scaled_sum(leaf: jax.Array, kind: str, p: Any) -> _ScaledSum:
-    """One pass over ``leaf``, fused: a general ``lax.reduce`` materialises nothing."""
-    flat = leaf.reshape(-1)
-    # Magnitudes beyond float32's range (float64 leaves) count as its largest value.
-    magnitude = jnp.minimum(jnp.abs(impute_nonfinite(flat)).astype(jnp.float32), _FLOAT32_MAX)
-    if kind == "p":
-        scale = jnp.where(magnitude > 0, p * jnp.log(magnitude), -jnp.inf)
-    else:
-        scale = magnitude
-    elements = _ScaledSum(
-        scale,
-        (magnitude > 0).astype(jnp.float32),
-        (~jnp.isfinite(flat)).astype(jnp.float32),
-    )
-    rows = flat.shape[0] // _ROW
-    in_rows = _reduce_scaled(
-        _ScaledSum(*(x[: rows * _ROW].reshape(rows, _ROW) for x in elements)), 1, kind
-    )
-    tail = _reduce_scaled(_ScaledSum(*(x[rows * _ROW :] for x in elements)), 0, kind)
-    return _reduce_scaled(
-        _ScaledSum(*(jnp.append(x, y) for x, y in zip(in_rows, tail, strict=True))), 0, kind
-    )
-
-
 def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
-    """Norm of the imputed updates, kept in range by scaling partial sums."""
-    per_leaf = [_leaf_scaled_sum(leaf, kind, p) for leaf in jax.tree.leaves(updates)]
-    if not per_leaf:
-        return NormParts(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32), jnp.zeros((), bool))
-    total = _reduce_scaled(
-        _ScaledSum(*(jnp.stack(x) for x in zip(*per_leaf, strict=True))), 0, kind
+    """Norm of the imputed updates, with every entry scaled into [0, 4) first.
+
+    Two passes (the largest entry, then the scaled sum); being under
+    ``lax.cond`` they cost nothing on steps that do not take them.
+    """
+    leaves = jax.tree.leaves(updates)
+    has_nonfinite = functools.reduce(
+        jnp.logical_or, [jnp.any(~jnp.isfinite(leaf)) for leaf in leaves], jnp.zeros((), bool)
     )
-    if kind == "p":
-        # log2 of the norm; -inf for a zero norm.
-        log2_norm = (total.largest + jnp.log(total.scaled_sum)) / (p * jnp.log(2.0))
-        exponent = jnp.where(jnp.isfinite(log2_norm), jnp.ceil(log2_norm), 0.0)
-        exponent = jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT).astype(jnp.int32)
-        inv_unit = jnp.ldexp(jnp.ones((), jnp.float32), 2 - exponent)
-        mantissa = jnp.where(jnp.isfinite(log2_norm), jnp.exp2(log2_norm + 2 - exponent), 0.0)
-        return NormParts(mantissa, inv_unit, total.nonfinite > 0)
+    # Magnitudes beyond float32's range (float64 leaves) count as its largest value.
+    magnitudes = [
+        jnp.minimum(jnp.abs(impute_nonfinite(leaf)).astype(jnp.float32), _FLOAT32_MAX)
+        for leaf in leaves
+    ]
+    largest = _power_sum(magnitudes, "inf", p)
     # inv_unit = 2**(2 - e) with largest < 2**e: entries times it stay below 4, and
     # it is a normal float32 (>= 2**-126) even for float32's largest value.
-    _, exponent = jnp.frexp(jnp.where(total.largest > 0, total.largest, 1.0))
-    exponent = jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT)
-    inv_unit = jnp.ldexp(jnp.ones((), jnp.float32), 2 - exponent)
-    mantissa = total.largest * inv_unit
-    if kind != "inf":
-        mantissa *= _root(total.scaled_sum, kind, p)
-    return NormParts(mantissa, inv_unit, total.nonfinite > 0)
+    _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1.0))
+    inv_unit = jnp.ldexp(
+        jnp.ones((), jnp.float32), 2 - jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT)
+    )
+    if kind == "inf":
+        return NormParts(largest * inv_unit, inv_unit, has_nonfinite)
+    # A further exact factor 1/4 keeps |x|**p below 1 for any p.
+    scaled = [magnitude * inv_unit * 0.25 for magnitude in magnitudes]
+    mantissa = 4.0 * _root(_power_sum(scaled, kind, p), kind, p)
+    return NormParts(mantissa, inv_unit, has_nonfinite)
 
 
 def _kind_of(norm_ord: Any) -> str:
@@ -286,15 +212,16 @@ def apply_threshold(
     clipped = parts.mantissa > threshold * parts.inv_unit
     if nonfinite != "impute":
         clipped &= ~parts.has_nonfinite
-    # Never 0 where it is used: there the norm exceeds a threshold >= 0.
-    mantissa = jnp.where(clipped, parts.mantissa, 1.0)
+    # threshold / norm as (threshold / mantissa) * inv_unit, applied in two exact-
+    # enough products: the ratio alone may leave float32's range. The divisor is
+    # never 0 where it is used: there the norm exceeds a threshold >= 0.
+    ratio = threshold / jnp.where(clipped, parts.mantissa, 1.0)
 
     def scale_leaf(leaf: jax.Array) -> jax.Array:
         if nonfinite == "impute":
             leaf = impute_nonfinite(leaf)
-        # Divide, then multiply (as optax.clip_by_global_norm): the ratio
-        # threshold / norm alone may underflow. The float32 scalars promote bf16/f16.
-        scaled = (leaf * parts.inv_unit / mantissa * threshold).astype(leaf.dtype)
+        # The float32 scalars promote bf16/f16 leaves to float32 for the product.
+        scaled = (leaf * parts.inv_unit * ratio).astype(leaf.dtype)
         new_leaf = jnp.where(clipped, scaled, leaf)
         if nonfinite == "zero":
             new_leaf = jnp.where(parts.has_nonfinite, jnp.zeros_like(leaf), new_leaf)
