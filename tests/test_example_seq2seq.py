@@ -1,0 +1,264 @@
+"""Tests of the GRU seq2seq example in examples/seq2seq (data, loader, training runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_DIR = REPO_ROOT / "examples" / "seq2seq"
+SAMPLE_TSV = EXAMPLE_DIR / "sample_data" / "pairs.tsv"
+
+if str(REPO_ROOT) not in sys.path:  # `pytest` alone puts tests/, not the root, on the path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from examples.seq2seq import config as config_lib  # noqa: E402
+from examples.seq2seq import data as data_lib  # noqa: E402
+
+
+def small_number_config(**overrides) -> config_lib.Config:
+    fields = {"number_max": 9_999, "train_size": 300, "test_size": 50, "data_seed": 3}
+    return dataclasses.replace(config_lib.Config(), **{**fields, **overrides})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def test_numbers_are_deterministic_and_train_test_disjoint():
+    train_a, test_a = data_lib.sample_numbers(0, 999_999, 5_000, 2_000, seed=7)
+    train_b, test_b = data_lib.sample_numbers(0, 999_999, 5_000, 2_000, seed=7)
+    np.testing.assert_array_equal(train_a, train_b)
+    np.testing.assert_array_equal(test_a, test_b)
+    assert len(set(train_a.tolist())) == 5_000 and len(set(test_a.tolist())) == 2_000
+    assert not set(train_a.tolist()) & set(test_a.tolist())
+    assert train_a.min() >= 0 and max(train_a.max(), test_a.max()) <= 999_999
+    other_train, _ = data_lib.sample_numbers(0, 999_999, 5_000, 2_000, seed=8)
+    assert not np.array_equal(train_a, other_train)
+    with pytest.raises(ValueError, match="exceeds"):
+        data_lib.sample_numbers(0, 9, 8, 3, seed=0)
+
+
+def test_number_dataset_is_deterministic_with_fixed_shapes():
+    first = data_lib.load_dataset(small_number_config())
+    second = data_lib.load_dataset(small_number_config())
+    np.testing.assert_array_equal(first.train.source, second.train.source)
+    np.testing.assert_array_equal(first.test.target, second.test.target)
+    assert first.source_vocab == second.source_vocab
+    assert not set(first.train.source_text) & set(first.test.source_text)
+    assert first.train.target.shape[1] == first.test.target.shape[1]
+    # every target row is: tokens, one EOS, then padding only
+    for row in first.test.target:
+        eos = int(np.argmax(row == data_lib.EOS))
+        assert row[eos] == data_lib.EOS and np.all(row[eos + 1 :] == data_lib.PAD)
+
+
+def test_number_pairs_and_tokens():
+    assert data_lib.number_pairs([997]) == [
+        ("nine hundred and ninety-seven", "neuf cent quatre-vingt-dix-sept")
+    ]
+    assert data_lib.tokenize_number_words("ninety-nine thousand, two hundred") == [
+        "ninety-nine",
+        "thousand",
+        ",",
+        "two",
+        "hundred",
+    ]
+    vocab = data_lib.Vocab.build([["un", "deux"], ["deux"]])
+    ids = vocab.encode([["deux", "trois"]], 4)
+    assert ids.tolist() == [[vocab.index["deux"], data_lib.UNK, data_lib.EOS, data_lib.PAD]]
+    assert vocab.decode(ids[0]) == "deux <unk>"
+
+
+def test_train_batches_depend_only_on_seed_and_step():
+    dataset = data_lib.load_dataset(small_number_config())
+    size = len(dataset.train)
+    batch = data_lib.train_batch(dataset.train, 5, 64, seed=1)
+    again = data_lib.train_batch(dataset.train, 5, 64, seed=1)
+    for key in batch:
+        np.testing.assert_array_equal(batch[key], again[key])
+        assert batch[key].shape[0] == 64
+    assert np.all(batch["decoder_input"][:, 0] == data_lib.BOS)
+    np.testing.assert_array_equal(batch["decoder_input"][:, 1:], batch["target"][:, :-1])
+    # one epoch of batches visits every training pair exactly once (size = 300 = 5 * 60)
+    seen = np.concatenate(
+        [data_lib.train_batch(dataset.train, s, 60, seed=1)["source"] for s in range(5)]
+    )
+    assert len({row.tobytes() for row in seen}) == len({r.tobytes() for r in dataset.train.source})
+    assert seen.shape[0] == size
+
+
+# --- the tab-separated loader --------------------------------------------------------------------
+
+
+def test_normalize_sentence():
+    assert data_lib.normalize_sentence("Je suis fatigué !") == "je suis fatigue !"
+    assert data_lib.normalize_sentence("I'm cold.") == "i m cold ."
+    assert data_lib.normalize_sentence("  Où est-ce?!  ") == "ou est ce ? !"
+    assert data_lib.normalize_sentence("42 €") == ""
+
+
+def test_sample_tsv_counts_malformed_and_filters():
+    pairs, counts = data_lib.read_tsv_pairs(
+        SAMPLE_TSV, max_length=10, prefix_filter=False, reverse=False
+    )
+    assert counts["lines"] == 18
+    assert counts["malformed"] == 2  # no tab; empty source side
+    assert counts["too_long"] == 1
+    assert len(pairs) == 15
+    assert ("i am hungry .", "j ai faim .") in pairs  # third column ignored
+    assert ("he s a doctor .", "il est medecin .") in pairs
+
+    reversed_pairs, _ = data_lib.read_tsv_pairs(SAMPLE_TSV, 10, False, reverse=True)
+    assert ("j ai faim .", "i am hungry .") in reversed_pairs
+
+    prefixed, prefix_counts = data_lib.read_tsv_pairs(SAMPLE_TSV, 10, True, reverse=False)
+    assert all(source.startswith(data_lib.ENGLISH_PREFIXES) for source, _ in prefixed)
+    assert prefix_counts["prefix_filtered"] == 4  # open, where, the cat, good morning
+    assert len(prefixed) == 11
+
+
+def test_tsv_invalid_utf8_is_counted_not_fatal(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(b"Hello.\tBonjour.\n\xff\xfe broken\tcasse\nno tab here\nBye.\tSalut.\n")
+    pairs, counts = data_lib.read_tsv_pairs(path, 10, False, False)
+    assert pairs == [("hello .", "bonjour ."), ("bye .", "salut .")]
+    assert counts["malformed"] == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n"])
+def test_empty_tsv_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "empty.tsv"
+    path.write_bytes(content)
+    with pytest.raises(data_lib.DataError, match="empty"):
+        data_lib.read_tsv_pairs(path, 10, False, False)
+
+
+def test_unreadable_or_useless_tsv_is_a_clear_error(tmp_path):
+    with pytest.raises(data_lib.DataError, match="cannot read"):
+        data_lib.read_tsv_pairs(tmp_path / "missing.tsv", 10, False, False)
+    useless = tmp_path / "useless.tsv"
+    useless.write_text("no tabs\nat all\n")
+    with pytest.raises(data_lib.DataError, match="no usable"):
+        data_lib.read_tsv_pairs(useless, 10, False, False)
+
+
+def test_tsv_dataset_holds_out_by_source_sentence():
+    config = dataclasses.replace(config_lib.Config(), data=str(SAMPLE_TSV), test_size=2)
+    dataset = data_lib.load_dataset(config)
+    assert dataset.info["malformed"] == 2
+    assert not set(dataset.train.source_text) & set(dataset.test.source_text)
+    assert len(dataset.train) + len(dataset.test) == 15
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_flags_override_smoke_which_overrides_defaults():
+    config = config_lib.parse_config(["--smoke", "--hidden-dim", "24", "--clip", "global"])
+    assert config.smoke and config.hidden_dim == 24 and config.clip == "global"
+    assert config.num_steps == config_lib.smoke_overrides()["num_steps"]
+    assert config_lib.parse_config(["--min-history", "4"]).min_history == 4
+    assert config_lib.parse_config([]) == config_lib.Config()
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(["--clip", "sometimes"])
+
+
+# --- training runs -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_run_learns_and_writes_outputs(tmp_path):
+    from examples.seq2seq import main
+
+    summary = main.main(["--smoke", "--quiet", "--out", str(tmp_path)])
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == list(range(summary["steps"]))
+    losses = [row["loss"] for row in rows]
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    for key in ("grad_norm", "norm", "threshold", "clipped", "clip_count", "lr"):
+        assert key in rows[-1], key
+    assert rows[-1]["threshold"] is not None and rows[-1]["threshold"] > 0
+    assert summary["clip_steps"] == rows[-1]["clip_count"] == sum(r["clipped"] for r in rows)
+    assert 0.0 <= summary["final_exact_match"] <= summary["final_token_accuracy"] <= 1.0
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["config"]["clip"] == "adaptive" and saved["steps_per_sec"] > 0
+    assert len(read_jsonl(tmp_path / "eval.jsonl")) == 2
+    for name in ("loss.png", "accuracy.png", "grad_norm.png"):
+        assert (tmp_path / name).stat().st_size > 1_000
+
+
+@pytest.mark.slow
+def test_resume_gives_identical_results(tmp_path):
+    """Train 40 steps straight; drop the final checkpoint; resume from step 20; compare."""
+    from examples.seq2seq import main
+
+    out, checkpoints = tmp_path / "run", tmp_path / "checkpoints"
+    args = ["--smoke", "--quiet", "--num-steps", "40", "--eval-every", "1000", "--window", "8"]
+    args += ["--checkpoint-every", "20", "--out", str(out), "--checkpoint-dir", str(checkpoints)]
+    straight = main.main(args)
+    straight_rows = read_jsonl(out / "metrics.jsonl")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["20", "40"]
+    shutil.rmtree(checkpoints / "40")  # as if the run had died between steps 20 and 40
+
+    resumed = main.main([*args, "--resume"])
+    resumed_rows = read_jsonl(out / "metrics.jsonl")
+    assert resumed["steps"] == 40
+    assert resumed["params_sha256"] == straight["params_sha256"]
+    assert resumed["final_exact_match"] == straight["final_exact_match"]
+    assert [r["step"] for r in resumed_rows] == list(range(40))
+    assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in straight_rows]
+    # the clip history came back too: same thresholds and clip counts after the restart
+    assert [r["threshold"] for r in resumed_rows] == [r["threshold"] for r in straight_rows]
+    assert resumed_rows[-1]["clip_count"] == straight_rows[-1]["clip_count"]
+    assert resumed["clip_steps"] == straight["clip_steps"]
+
+
+@pytest.mark.slow
+def test_runs_data_parallel_on_eight_virtual_devices(tmp_path):
+    """8 CPU devices, one clip history per module, checkpoints, and --stop-at."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    checkpoints = tmp_path / "checkpoints"
+    args = [sys.executable, str(EXAMPLE_DIR / "main.py"), "--smoke", "--quiet"]
+    args += ["--clip", "adaptive-per-module", "--num-steps", "20", "--stop-at", "12"]
+    args += ["--out", str(tmp_path), "--checkpoint-dir", str(checkpoints)]
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3_000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["devices"] == 8 and summary["steps"] == 12
+    assert [p.name for p in checkpoints.iterdir()] == ["12"]
+    last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    for key in ("encoder/threshold", "decoder/threshold", "encoder/clip_count", "decoder/norm"):
+        assert key in last, key
+
+    bad = subprocess.run(
+        [*args, "--batch-size", "12"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert bad.returncode != 0
+    assert "not divisible by the 8 devices" in bad.stderr
+
+
+@pytest.mark.slow
+def test_compare_draws_modes_together(tmp_path):
+    from examples.seq2seq import main
+
+    args = ["--smoke", "--quiet", "--num-steps", "20", "--eval-every", "1000"]
+    summaries = main.main([*args, "--compare", "none,global", "--out", str(tmp_path)])
+    assert set(summaries) == {"none", "global"}
+    table = (tmp_path / "compare.md").read_text()
+    assert "| none |" in table and "| global |" in table
+    for name in ("compare_loss.png", "compare_accuracy.png", "compare_grad_norm.png"):
+        assert (tmp_path / name).stat().st_size > 1_000
+    assert summaries["global"]["last_clip_stats"]["threshold"] == 1.0
+    assert (tmp_path / "none" / "summary.json").exists()
