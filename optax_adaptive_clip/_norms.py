@@ -1,14 +1,16 @@
 """Global norms of update pytrees and their rescaling.
 
 The norm is accumulated in float32 whatever the leaf dtype. The common case
-(finite values, no overflow) costs one fused pass over the updates; only when
-that pass returns a non-finite sum is a second, careful pass run, under
-``jax.lax.cond``, to tell non-finite entries from overflow and to compute the
-norm of the imputed values without overflowing.
+(finite values, a norm well inside float32's range) costs one fused pass over
+the updates; only when that pass returns NaN, inf, or a sum near either end of
+float32's range is a careful pass run, under ``jax.lax.cond``, to tell
+non-finite entries from overflow and to compute the norm of the imputed values
+with every entry first scaled by a power of two.
 
-Internally a norm is carried as ``mantissa * unit`` where ``unit`` is a power of
-two (1 on the fast path), so that updates whose norm lies beyond float32's
-range can still be scaled exactly to a threshold.
+Internally a norm is carried as ``mantissa / inv_unit`` where ``inv_unit`` is
+that power of two (1 on the fast path), so that updates whose norm lies beyond
+float32's range can still be scaled exactly to a threshold. Float64 entries
+beyond float32's range count as float32's largest value.
 """
 
 from __future__ import annotations
@@ -94,33 +96,116 @@ def _root(power_sum: jax.Array, kind: str, p: Any) -> jax.Array:
 _MIN_EXPONENT, _MAX_EXPONENT = -125, 128
 
 
-def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
-    """Norm of the imputed updates, with every entry scaled into [0, 4) first.
+class _ScaledSum(NamedTuple):
+    """A partial ``sum |x|^p`` as ``largest^p * scaled_sum``, and whether any x was NaN/inf.
 
-    Two passes (the largest entry, then the scaled sum); being under
-    ``lax.cond`` they cost nothing on steps that do not take them.
+    For a general p, ``largest`` holds ``max p*log|x|`` and ``scaled_sum`` the sum of
+    ``exp(p*log|x| - largest)``, so that combining two sums needs no traced p.
     """
-    leaves = jax.tree.leaves(updates)
-    has_nonfinite = functools.reduce(
-        jnp.logical_or, [jnp.any(~jnp.isfinite(leaf)) for leaf in leaves], jnp.zeros((), bool)
-    )
+
+    largest: jax.Array
+    scaled_sum: jax.Array
+    nonfinite: jax.Array
+
+
+def _combine_scaled_sums(kind: str):
+    """The reducer of :class:`_ScaledSum` partial results: it never overflows."""
+
+    def rescale(smaller: jax.Array, largest: jax.Array) -> jax.Array:
+        """The factor a partial sum at scale ``smaller`` takes at scale ``largest``."""
+        if kind == "p":
+            return jnp.exp(smaller - largest)
+        ratio = jnp.where(largest > 0, smaller / largest, 0.0)
+        if kind == "1":
+            return ratio
+        if kind == "2":
+            return ratio * ratio
+        return jnp.zeros_like(ratio)  # "inf": only the largest entry counts
+
+    def combine(left: tuple, right: tuple) -> tuple:
+        left_largest, left_sum, left_nonfinite = left
+        right_largest, right_sum, right_nonfinite = right
+        left_wins = left_largest >= right_largest
+        largest = jnp.where(left_wins, left_largest, right_largest)
+        smaller = jnp.where(left_wins, right_largest, left_largest)
+        kept_sum = jnp.where(left_wins, left_sum, right_sum)
+        rescaled_sum = jnp.where(left_wins, right_sum, left_sum)
+        return (
+            largest,
+            kept_sum + rescaled_sum * rescale(smaller, largest),
+            jnp.maximum(left_nonfinite, right_nonfinite),
+        )
+
+    return combine
+
+
+def _reduce_scaled_sums(parts: _ScaledSum, axis: int, kind: str) -> _ScaledSum:
+    # Identity element; for a general p the scale is a log, whose zero is -inf.
+    empty_scale = -jnp.inf if kind == "p" else 0.0
+    identity = tuple(jnp.asarray(value, jnp.float32) for value in (empty_scale, 0.0, 0.0))
+    reduced = jax.lax.reduce(tuple(parts), identity, _combine_scaled_sums(kind), (axis,))
+    return _ScaledSum(*reduced)
+
+
+def _row_length(size: int) -> int:
+    """The divisor of ``size`` closest to its square root.
+
+    A general ``lax.reduce`` folds entries one after the other; reducing rows
+    and then the row results keeps both sequences, and their rounding error,
+    short, without slicing (which could copy the leaf).
+    """
+    best = 1
+    for divisor in range(1, math.isqrt(size) + 1):
+        if size % divisor == 0:
+            best = divisor
+    return best
+
+
+def _leaf_scaled_sum(leaf: jax.Array, kind: str, p: Any) -> _ScaledSum:
+    flat = leaf.reshape(-1)
     # Magnitudes beyond float32's range (float64 leaves) count as its largest value.
-    magnitudes = [
-        jnp.minimum(jnp.abs(impute_nonfinite(leaf)).astype(jnp.float32), _FLOAT32_MAX)
-        for leaf in leaves
-    ]
-    largest = _power_sum(magnitudes, "inf", p)
-    # inv_unit = 2**(2 - e) with largest < 2**e: entries times it stay below 4, and
-    # it is a normal float32 (>= 2**-126) even for float32's largest value.
-    _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1.0))
+    magnitude = jnp.minimum(jnp.abs(impute_nonfinite(flat)).astype(jnp.float32), _FLOAT32_MAX)
+    if kind == "p":
+        scale = jnp.where(magnitude > 0, p * jnp.log(magnitude), -jnp.inf)
+    else:
+        scale = magnitude
+    entries = _ScaledSum(
+        scale, (magnitude > 0).astype(jnp.float32), (~jnp.isfinite(flat)).astype(jnp.float32)
+    )
+    rows = _ScaledSum(*(entry.reshape(-1, _row_length(flat.shape[0])) for entry in entries))
+    return _reduce_scaled_sums(_reduce_scaled_sums(rows, 1, kind), 0, kind)
+
+
+def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
+    """Norm of the imputed updates, by partial sums rescaled to their largest entry.
+
+    A general ``lax.reduce`` fuses the imputation into one pass per leaf and
+    materialises nothing, so this branch adds no gradient-sized buffer to the
+    compiled step; under ``lax.cond`` it costs nothing when not taken.
+    """
+    per_leaf = [_leaf_scaled_sum(leaf, kind, p) for leaf in jax.tree.leaves(updates)]
+    if not per_leaf:
+        return NormParts(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32), jnp.zeros((), bool))
+    stacked = _ScaledSum(*(jnp.stack(parts) for parts in zip(*per_leaf, strict=True)))
+    total = _reduce_scaled_sums(stacked, 0, kind)
+    has_nonfinite = total.nonfinite > 0
+    if kind == "p":
+        # log2 of the norm; -inf for a zero norm.
+        log2_norm = (total.largest + jnp.log(total.scaled_sum)) / (p * math.log(2.0))
+        exponent = jnp.where(jnp.isfinite(log2_norm), jnp.ceil(log2_norm), 0.0)
+        exponent = jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT).astype(jnp.int32)
+        inv_unit = jnp.ldexp(jnp.ones((), jnp.float32), 2 - exponent)
+        mantissa = jnp.where(jnp.isfinite(log2_norm), jnp.exp2(log2_norm + 2 - exponent), 0.0)
+        return NormParts(mantissa, inv_unit, has_nonfinite)
+    # inv_unit = 2**(2 - e) with largest < 2**e: the largest entry times it stays
+    # below 4, and it is a normal float32 (>= 2**-126) even for float32's maximum.
+    _, exponent = jnp.frexp(jnp.where(total.largest > 0, total.largest, 1.0))
     inv_unit = jnp.ldexp(
         jnp.ones((), jnp.float32), 2 - jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT)
     )
-    if kind == "inf":
-        return NormParts(largest * inv_unit, inv_unit, has_nonfinite)
-    # A further exact factor 1/4 keeps |x|**p below 1 for any p.
-    scaled = [magnitude * inv_unit * 0.25 for magnitude in magnitudes]
-    mantissa = 4.0 * _root(_power_sum(scaled, kind, p), kind, p)
+    mantissa = total.largest * inv_unit
+    if kind != "inf":
+        mantissa *= _root(total.scaled_sum, kind, p)
     return NormParts(mantissa, inv_unit, has_nonfinite)
 
 
