@@ -94,6 +94,8 @@ def _root(power_sum: jax.Array, kind: str, p: Any) -> jax.Array:
 
 # Exponents e for which 2**(2 - e) is a normal, finite float32.
 _MIN_EXPONENT, _MAX_EXPONENT = -125, 128
+# Row length of the careful pass's reduction (see _row_length).
+_ROW = 4096
 
 
 class _ScaledSum(NamedTuple):
@@ -148,17 +150,16 @@ def _reduce_scaled_sums(parts: _ScaledSum, axis: int, kind: str) -> _ScaledSum:
 
 
 def _row_length(size: int) -> int:
-    """The divisor of ``size`` closest to its square root.
+    """The divisor of ``size`` closest to ``_ROW``.
 
     A general ``lax.reduce`` folds entries one after the other; reducing rows
     and then the row results keeps both sequences, and their rounding error,
-    short, without slicing (which could copy the leaf).
+    short, without slicing (which could copy the leaf), while the row results
+    stay a small buffer.
     """
-    best = 1
-    for divisor in range(1, math.isqrt(size) + 1):
-        if size % divisor == 0:
-            best = divisor
-    return best
+    small_divisors = [d for d in range(1, math.isqrt(size) + 1) if size % d == 0]
+    divisors = small_divisors + [size // d for d in small_divisors]
+    return min(divisors, key=lambda length: abs(length - _ROW), default=1)
 
 
 def _leaf_scaled_sum(leaf: jax.Array, kind: str, p: Any) -> _ScaledSum:
