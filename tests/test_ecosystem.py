@@ -237,3 +237,55 @@ def test_checkpoint_round_trip_resumes_bit_identically(name, tmp_path):
     for key in ("flax", "orbax"):
         chex.assert_trees_all_equal(outputs[key], outputs["original"])
         chex.assert_trees_all_equal(continued[key], continued["original"])
+
+
+@pytest.mark.parametrize(
+    ("factory", "static_args", "kwargs", "changed"),
+    [
+        (oac.autoclip, ("window",), {"percentile": 50.0, "window": 8}, {"percentile": 100.0}),
+        (oac.zclip, (), {"warmup_steps": 3}, {"z_thresh": 1e6}),
+        (
+            lambda num_std, window: oac.skip_on_spike(
+                optax.sgd(0.1), window=window, num_std=num_std
+            ),
+            ("window",),
+            {"num_std": 1.0, "window": 4},
+            {"num_std": 1e6},
+        ),
+    ],
+    ids=["autoclip", "zclip", "skip_on_spike"],
+)
+def test_inject_hyperparams_for_every_clipper(factory, static_args, kwargs, changed):
+    tx = optax.inject_hyperparams(factory, static_args=static_args)(**kwargs)
+    update = jax.jit(tx.update)
+    state = tx.init(params_like())
+    for step in range(8):
+        _, state = update(grads_at(step % 4), state)
+    spike = grads_at(4)
+    _, before = update(spike, state)
+    for name, value in changed.items():
+        state.hyperparams[name] = jnp.asarray(value)
+    _, after = update(spike, state)
+    stats_before, stats_after = oac.clip_stats(before), oac.clip_stats(after)
+    event = "skipped" if "skipped" in stats_before else "clipped"
+    # The spike is clipped (or skipped) at the original setting, not at the loosened one.
+    assert bool(stats_before[event]) and not bool(stats_after[event])
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_multi_transform_histories_for_every_clipper(name):
+    params = {"encoder": jnp.zeros(3), "decoder": jnp.zeros(3)}
+    tx = optax.multi_transform(
+        {"encoder": FACTORIES[name](), "decoder": FACTORIES[name]()},
+        {"encoder": "encoder", "decoder": "decoder"},
+    )
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for step in range(12):
+        # A steady encoder; only the decoder spikes, and only its history sees it.
+        decoder = jnp.ones(3) * (100.0 if step == 11 else 1.0 + 0.1 * (step % 3))
+        _, state = update({"encoder": jnp.ones(3), "decoder": decoder}, state)
+    stats = oac.clip_stats(state)
+    event = "skipped" if "encoder/skipped" in stats else "clipped"
+    assert bool(stats[f"decoder/{event}"]) and not bool(stats[f"encoder/{event}"])
+    assert float(stats["decoder/norm"]) > 50 * float(stats["encoder/norm"])
