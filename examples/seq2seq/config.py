@@ -46,6 +46,8 @@ class Config:
     hidden_dim: int = 128
     # Width of the additive-attention hidden layer.
     attention_dim: int = 128
+    # Recurrent cell of encoder and decoder: "gru" or "rnn" (vanilla tanh RNN).
+    cell: str = "gru"
 
     # --- optimisation ---------------------------------------------------------------------
     # Seed of parameter initialisation and of the order training batches are drawn in.
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif field.name == "clip":
             parser.add_argument(flag, choices=CLIP_MODES, help=help_text)
+        elif field.name == "cell":
+            parser.add_argument(flag, choices=("gru", "rnn"), help=help_text)
         else:
             parser.add_argument(flag, type=value_type, help=help_text)
     return parser

@@ -23,17 +23,36 @@ from flax import nnx
 
 from examples.seq2seq.data import BOS, PAD
 
+CELLS = ("gru", "rnn")
+
+
+def make_cell(kind: str, in_features: int, hidden_features: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    """A GRU cell (``"gru"``, the default) or a vanilla tanh RNN cell (``"rnn"``)."""
+    if kind == "gru":
+        return nnx.GRUCell(in_features, hidden_features, rngs=rngs)
+    if kind == "rnn":
+        return nnx.SimpleCell(in_features, hidden_features, rngs=rngs)
+    raise ValueError(f"cell must be one of {CELLS}, got {kind!r}")
+
 
 class Encoder(nnx.Module):
     """Bidirectional GRU over source tokens."""
 
-    def __init__(self, vocab_size: int, embed_dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        hidden_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        cell: str = "gru",
+    ):
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
-        self.forward_cell = nnx.GRUCell(embed_dim, hidden_dim, rngs=rngs)
-        self.backward_cell = nnx.GRUCell(embed_dim, hidden_dim, rngs=rngs)
+        self.forward_cell = make_cell(cell, embed_dim, hidden_dim, rngs=rngs)
+        self.backward_cell = make_cell(cell, embed_dim, hidden_dim, rngs=rngs)
         self.hidden_dim = hidden_dim
 
-    def _run(self, cell: nnx.GRUCell, inputs: jax.Array, mask: jax.Array) -> tuple:
+    def _run(self, cell: nnx.Module, inputs: jax.Array, mask: jax.Array) -> tuple:
         """Scan ``cell`` over time-major ``inputs``; masked steps keep the previous state."""
 
         def step(state: jax.Array, step_input: tuple[jax.Array, jax.Array]):
@@ -83,7 +102,8 @@ class AdditiveAttention(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """GRU decoder reading the previous token and an attention context at each step."""
+    """GRU (or vanilla tanh RNN, ``cell="rnn"``) decoder reading the previous token and an
+    attention context at each step."""
 
     def __init__(
         self,
@@ -93,12 +113,13 @@ class Decoder(nnx.Module):
         attention_dim: int,
         *,
         rngs: nnx.Rngs,
+        cell: str = "gru",
     ):
         encoder_dim = 2 * hidden_dim
         self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
         self.init_state = nnx.Linear(encoder_dim, hidden_dim, rngs=rngs)
         self.attention = AdditiveAttention(hidden_dim, encoder_dim, attention_dim, rngs=rngs)
-        self.cell = nnx.GRUCell(embed_dim + encoder_dim, hidden_dim, rngs=rngs)
+        self.cell = make_cell(cell, embed_dim + encoder_dim, hidden_dim, rngs=rngs)
         self.readout = nnx.Linear(hidden_dim + encoder_dim + embed_dim, vocab_size, rngs=rngs)
 
     def initial_state(self, encoder_summary: jax.Array) -> jax.Array:
@@ -131,9 +152,12 @@ class Seq2Seq(nnx.Module):
         attention_dim: int,
         *,
         rngs: nnx.Rngs,
+        cell: str = "gru",
     ):
-        self.encoder = Encoder(source_vocab_size, embed_dim, hidden_dim, rngs=rngs)
-        self.decoder = Decoder(target_vocab_size, embed_dim, hidden_dim, attention_dim, rngs=rngs)
+        self.encoder = Encoder(source_vocab_size, embed_dim, hidden_dim, rngs=rngs, cell=cell)
+        self.decoder = Decoder(
+            target_vocab_size, embed_dim, hidden_dim, attention_dim, rngs=rngs, cell=cell
+        )
 
     def _encode(self, source: jax.Array) -> tuple[jax.Array, tuple]:
         states, summary, mask = self.encoder(source)

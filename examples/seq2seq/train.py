@@ -297,6 +297,7 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
             config.hidden_dim,
             config.attention_dim,
             rngs=nnx.Rngs(config.seed),
+            cell=config.cell,
         )
 
     # Initialise inside one jitted function: run eagerly, every initializer of every layer
