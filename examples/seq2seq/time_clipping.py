@@ -28,7 +28,6 @@ from flax import nnx
 from examples.seq2seq import data as data_lib
 from examples.seq2seq import train
 from examples.seq2seq.config import Config
-from examples.seq2seq.model import Seq2Seq
 
 
 def main() -> None:
@@ -46,14 +45,7 @@ def main() -> None:
     runners = {}
     for mode in args.modes.split(","):
         config = dataclasses.replace(base, clip=mode)
-        model = Seq2Seq(
-            len(dataset.source_vocab),
-            len(dataset.target_vocab),
-            config.embed_dim,
-            config.hidden_dim,
-            config.attention_dim,
-            rngs=nnx.Rngs(config.seed),
-        )
+        model = train.build_model(config, dataset)
         graphdef, param_state = nnx.split(model, nnx.Param)
         params = nnx.to_pure_dict(param_state)
         optimizer = train.make_optimizer(config)

@@ -275,6 +275,19 @@ def params_digest(params: PyTree) -> str:
 # --- the loop ------------------------------------------------------------------------------
 
 
+def build_model(config: Config, dataset: data_lib.Dataset) -> Seq2Seq:
+    """The model ``config`` describes, sized to the dataset's vocabularies."""
+    return Seq2Seq(
+        len(dataset.source_vocab),
+        len(dataset.target_vocab),
+        config.embed_dim,
+        config.hidden_dim,
+        config.attention_dim,
+        rngs=nnx.Rngs(config.seed),
+        cell=config.cell,
+    )
+
+
 def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float) -> dict:
     """Train as ``config`` says, write the metrics files and return the summary.
 
@@ -290,15 +303,7 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def new_model() -> Seq2Seq:
-        return Seq2Seq(
-            len(dataset.source_vocab),
-            len(dataset.target_vocab),
-            config.embed_dim,
-            config.hidden_dim,
-            config.attention_dim,
-            rngs=nnx.Rngs(config.seed),
-            cell=config.cell,
-        )
+        return build_model(config, dataset)
 
     # Initialise inside one jitted function: run eagerly, every initializer of every layer
     # would be compiled on its own, which takes longer than compiling the train step.
