@@ -195,7 +195,12 @@ def count_events(
 
 
 def check_common_options(
-    *, norm_ord: Any, warmup_max_norm: Any, max_norm: Any, record: str, nonfinite: str
+    *,
+    norm_ord: Any,
+    max_norm: Any,
+    warmup_max_norm: Any = None,
+    record: str = "raw",
+    nonfinite: str = "impute",
 ) -> None:
     """Validates the options every history-based clipper shares."""
     _checks.check_norm_ord(norm_ord)

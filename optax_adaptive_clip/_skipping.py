@@ -89,10 +89,7 @@ def skip_on_spike(
     window = _checks.check_static_int("window", window, minimum=2)
     _checks.check_real("num_std", num_std, low=0.0)
     min_history = _checks.check_min_history(min_history, window=window, minimum=2)
-    _clipping.check_common_options(
-        norm_ord=norm_ord, warmup_max_norm=None, max_norm=max_norm, record=record,
-        nonfinite="zero",
-    )
+    _clipping.check_common_options(norm_ord=norm_ord, max_norm=max_norm, record=record)
     inner = optax.with_extra_args_support(inner)
     outlier_threshold = _clipping.mean_plus_std_rule(num_std)
 

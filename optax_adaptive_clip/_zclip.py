@@ -109,10 +109,7 @@ def zclip(
     _checks.check_int("warmup_steps", warmup_steps, minimum=1)
     _checks.check_real("eps", eps, low=0.0, low_inclusive=False)
     _checks.check_choice("clip_option", clip_option, CLIP_OPTIONS)
-    _clipping.check_common_options(
-        norm_ord=norm_ord, warmup_max_norm=None, max_norm=max_norm, record="raw",
-        nonfinite=nonfinite,
-    )
+    _clipping.check_common_options(norm_ord=norm_ord, max_norm=max_norm, nonfinite=nonfinite)
 
     def init_fn(params: optax.Params) -> ZClipState:
         del params

@@ -96,14 +96,19 @@ def grad_norm_panels(runs: Mapping[str, Sequence[dict]]) -> list[tuple[str, Sequ
     return panels
 
 
+def save_figure(figure: plt.Figure, path: Path, dpi: int = FIGURE_DPI) -> None:
+    """Writes ``figure`` to ``path`` and frees it (pyplot keeps every open figure)."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+
+
 def plot_grad_norms(runs: Mapping[str, Sequence[dict]], path: Path) -> None:
     panels = grad_norm_panels(runs)
     figure, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), squeeze=False)
     for axis, (name, rows, prefix) in zip(axes[:, 0], panels, strict=True):
         draw_grad_norm(axis, rows, prefix, f"{name} {prefix.rstrip('/')}".strip())
-    figure.tight_layout()
-    figure.savefig(path, dpi=FIGURE_DPI)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_losses(runs: Mapping[str, Sequence[dict]], path: Path) -> None:
@@ -125,9 +130,7 @@ def plot_losses(runs: Mapping[str, Sequence[dict]], path: Path) -> None:
     axis.set_xlabel("step")
     axis.set_ylabel("training loss (cross-entropy)")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=FIGURE_DPI)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_accuracies(runs: Mapping[str, Sequence[dict]], path: Path) -> None:
@@ -152,9 +155,7 @@ def plot_accuracies(runs: Mapping[str, Sequence[dict]], path: Path) -> None:
     axis.set_xlabel("step")
     axis.set_ylabel("held-out accuracy")
     axis.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=FIGURE_DPI)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_runs(

@@ -56,6 +56,7 @@ import optax
 from flax import nnx
 
 from examples.seq2seq import data as data_lib
+from examples.seq2seq import plots
 from examples.seq2seq.config import Config
 from examples.seq2seq.model import Seq2Seq, masked_cross_entropy
 
@@ -484,9 +485,7 @@ def plot_losses(path: Path, all_curves: dict, conditions: list[Condition], clipp
     title = "training loss (each line one seed; x: loss became NaN/inf)"
     fig.suptitle(title, fontsize=9)
     fig.supxlabel("step", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=56)
-    plt.close(fig)
+    plots.save_figure(fig, path, dpi=56)
 
 
 def plot_norms(path: Path, all_curves: dict, condition: Condition, clippers: list[str]):
@@ -518,9 +517,7 @@ def plot_norms(path: Path, all_curves: dict, condition: Condition, clippers: lis
     fig.suptitle(
         f"gradient norm under '{condition.name}' ({condition.describe()}), seed 0", fontsize=9
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    plots.save_figure(fig, path, dpi=72)
 
 
 # --- main ------------------------------------------------------------------------------------
