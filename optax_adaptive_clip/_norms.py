@@ -5,7 +5,7 @@ The norm is accumulated in float32 whatever the leaf dtype. The common case
 the updates; only when that pass returns NaN, inf, or a sum near either end of
 float32's range is a careful pass run, under ``jax.lax.cond``, to tell
 non-finite entries from overflow and to compute the norm of the imputed values
-with every entry first scaled by a power of two.
+block by block, every block first scaled by a power of two.
 
 Internally a norm is carried as ``mantissa / inv_unit`` where ``inv_unit`` is
 that power of two (1 on the fast path), so that updates whose norm lies beyond
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_adaptive_clip import _checks
 
@@ -94,119 +96,124 @@ def _root(power_sum: jax.Array, kind: str, p: Any) -> jax.Array:
 
 # Exponents e for which 2**(2 - e) is a normal, finite float32.
 _MIN_EXPONENT, _MAX_EXPONENT = -125, 128
-# Row length of the careful pass's reduction (see _row_length).
-_ROW = 4096
+# Exponent standing for "no nonzero entry yet"; 2**(p * (it - e)) underflows to 0.
+_EMPTY_EXPONENT = -300
+# Entries per block of the careful pass: its temporary buffers are a few of these.
+_BLOCK = 4096
+
+# Reads one block of a leaf: a row index to the float32 magnitudes of its (imputed)
+# entries and whether each was NaN or inf, zero-padded to _BLOCK entries.
+_BlockReader = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 
-class _ScaledSum(NamedTuple):
-    """A partial ``sum |x|^p`` as ``largest^p * scaled_sum``, and whether any x was NaN/inf.
-
-    For a general p, ``largest`` holds ``max p*log|x|`` and ``scaled_sum`` the sum of
-    ``exp(p*log|x| - largest)``, so that combining two sums needs no traced p.
-    """
-
-    largest: jax.Array
-    scaled_sum: jax.Array
-    nonfinite: jax.Array
-
-
-def _combine_scaled_sums(kind: str):
-    """The reducer of :class:`_ScaledSum` partial results: it never overflows."""
-
-    def rescale(smaller: jax.Array, largest: jax.Array) -> jax.Array:
-        """The factor a partial sum at scale ``smaller`` takes at scale ``largest``."""
-        if kind == "p":
-            return jnp.exp(smaller - largest)
-        ratio = jnp.where(largest > 0, smaller / largest, 0.0)
-        if kind == "1":
-            return ratio
-        if kind == "2":
-            return ratio * ratio
-        return jnp.zeros_like(ratio)  # "inf": only the largest entry counts
-
-    def combine(left: tuple, right: tuple) -> tuple:
-        left_largest, left_sum, left_nonfinite = left
-        right_largest, right_sum, right_nonfinite = right
-        left_wins = left_largest >= right_largest
-        largest = jnp.where(left_wins, left_largest, right_largest)
-        smaller = jnp.where(left_wins, right_largest, left_largest)
-        kept_sum = jnp.where(left_wins, left_sum, right_sum)
-        rescaled_sum = jnp.where(left_wins, right_sum, left_sum)
-        return (
-            largest,
-            kept_sum + rescaled_sum * rescale(smaller, largest),
-            jnp.maximum(left_nonfinite, right_nonfinite),
-        )
-
-    return combine
-
-
-def _reduce_scaled_sums(parts: _ScaledSum, axis: int, kind: str) -> _ScaledSum:
-    # Identity element; for a general p the scale is a log, whose zero is -inf.
-    empty_scale = -jnp.inf if kind == "p" else 0.0
-    identity = tuple(jnp.asarray(value, jnp.float32) for value in (empty_scale, 0.0, 0.0))
-    reduced = jax.lax.reduce(tuple(parts), identity, _combine_scaled_sums(kind), (axis,))
-    return _ScaledSum(*reduced)
-
-
-def _row_length(size: int) -> int:
-    """The divisor of ``size`` closest to ``_ROW``.
-
-    A general ``lax.reduce`` folds entries one after the other; reducing rows
-    and then the row results keeps both sequences, and their rounding error,
-    short, without slicing (which could copy the leaf), while the row results
-    stay a small buffer.
-    """
-    small_divisors = [d for d in range(1, math.isqrt(size) + 1) if size % d == 0]
-    divisors = small_divisors + [size // d for d in small_divisors]
-    return min(divisors, key=lambda length: abs(length - _ROW), default=1)
-
-
-def _leaf_scaled_sum(leaf: jax.Array, kind: str, p: Any) -> _ScaledSum:
-    flat = leaf.reshape(-1)
+def _block_magnitudes(values: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Magnitudes beyond float32's range (float64 leaves) count as its largest value.
-    magnitude = jnp.minimum(jnp.abs(impute_nonfinite(flat)).astype(jnp.float32), _FLOAT32_MAX)
+    magnitudes = jnp.abs(impute_nonfinite(values)).astype(jnp.float32)
+    return jnp.minimum(magnitudes, _FLOAT32_MAX), ~jnp.isfinite(values)
+
+
+def _block_readers(leaves: list[jax.Array]) -> tuple[list[_BlockReader], np.ndarray, np.ndarray]:
+    """Readers covering every leaf in blocks, and for each block its reader and row.
+
+    A leaf gets one reader for its full blocks, which views it as rows of
+    ``_BLOCK`` entries, and one for its remainder, padded with zeros (which add
+    nothing to any norm).
+    """
+    readers: list[_BlockReader] = []
+    reader_of_block: list[int] = []
+    row_of_block: list[int] = []
+    for leaf in leaves:
+        flat = leaf.reshape(-1)
+        num_rows, remainder = divmod(flat.shape[0], _BLOCK)
+        # Slicing and padding happen inside the readers, where they fuse into the
+        # read of one block; outside, they would copy the leaf.
+        if num_rows:
+
+            def read_row(
+                row: jax.Array, flat: jax.Array = flat, num_rows: int = num_rows
+            ) -> tuple[jax.Array, jax.Array]:
+                rows = flat[: num_rows * _BLOCK].reshape(num_rows, _BLOCK)
+                return _block_magnitudes(jax.lax.dynamic_index_in_dim(rows, row, keepdims=False))
+
+            reader_of_block += [len(readers)] * num_rows
+            row_of_block += range(num_rows)
+            readers.append(read_row)
+        if remainder:
+
+            def read_remainder(
+                row: jax.Array, flat: jax.Array = flat, start: int = num_rows * _BLOCK
+            ) -> tuple[jax.Array, jax.Array]:
+                del row
+                # Padding the outputs, not the values, keeps the padded values unmaterialised.
+                padding = (0, _BLOCK - (flat.shape[0] - start))
+                magnitudes, nonfinite = _block_magnitudes(flat[start:])
+                return jnp.pad(magnitudes, padding), jnp.pad(nonfinite, padding)
+
+            reader_of_block.append(len(readers))
+            row_of_block.append(0)
+            readers.append(read_remainder)
+    return readers, np.asarray(reader_of_block, np.int32), np.asarray(row_of_block, np.int32)
+
+
+def _weight(exponent_drop: jax.Array, kind: str, p: Any) -> jax.Array:
+    """``2**(p * exponent_drop)``: rescales a power sum to a larger unit, exactly for p 1 and 2."""
     if kind == "p":
-        scale = jnp.where(magnitude > 0, p * jnp.log(magnitude), -jnp.inf)
-    else:
-        scale = magnitude
-    entries = _ScaledSum(
-        scale, (magnitude > 0).astype(jnp.float32), (~jnp.isfinite(flat)).astype(jnp.float32)
-    )
-    rows = _ScaledSum(*(entry.reshape(-1, _row_length(flat.shape[0])) for entry in entries))
-    return _reduce_scaled_sums(_reduce_scaled_sums(rows, 1, kind), 0, kind)
+        return jnp.exp2(p * exponent_drop.astype(jnp.float32))
+    power = 2 if kind == "2" else 1
+    return jnp.ldexp(jnp.ones((), jnp.float32), power * exponent_drop)
 
 
 def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
-    """Norm of the imputed updates, by partial sums rescaled to their largest entry.
+    """Norm of the imputed updates, block by block, each block scaled by a power of two.
 
-    A general ``lax.reduce`` fuses the imputation into one pass per leaf and
-    materialises nothing, so this branch adds no gradient-sized buffer to the
-    compiled step; under ``lax.cond`` it costs nothing when not taken.
+    A loop reads the updates in blocks of ``_BLOCK`` entries, scales each block
+    so that its largest magnitude lies in [0.5, 1), and adds its power sum to a
+    running one kept relative to the largest power of two seen so far. Nothing
+    can overflow or lose its significant entries, the loop's buffers are a few
+    blocks whatever the size of the updates, and the compiled step carries a
+    single copy of the reductions instead of one per leaf: each reduction adds a
+    fixed cost to every execution of the step, even when this branch is not
+    taken.
     """
-    per_leaf = [_leaf_scaled_sum(leaf, kind, p) for leaf in jax.tree.leaves(updates)]
-    if not per_leaf:
+    leaves = [leaf for leaf in jax.tree.leaves(updates) if leaf.size]
+    if not leaves:
         return NormParts(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32), jnp.zeros((), bool))
-    stacked = _ScaledSum(*(jnp.stack(parts) for parts in zip(*per_leaf, strict=True)))
-    total = _reduce_scaled_sums(stacked, 0, kind)
-    has_nonfinite = total.nonfinite > 0
-    if kind == "p":
-        # log2 of the norm; -inf for a zero norm.
-        log2_norm = (total.largest + jnp.log(total.scaled_sum)) / (p * math.log(2.0))
-        exponent = jnp.where(jnp.isfinite(log2_norm), jnp.ceil(log2_norm), 0.0)
-        exponent = jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT).astype(jnp.int32)
-        inv_unit = jnp.ldexp(jnp.ones((), jnp.float32), 2 - exponent)
-        mantissa = jnp.where(jnp.isfinite(log2_norm), jnp.exp2(log2_norm + 2 - exponent), 0.0)
-        return NormParts(mantissa, inv_unit, has_nonfinite)
-    # inv_unit = 2**(2 - e) with largest < 2**e: the largest entry times it stays
-    # below 4, and it is a normal float32 (>= 2**-126) even for float32's maximum.
-    _, exponent = jnp.frexp(jnp.where(total.largest > 0, total.largest, 1.0))
-    inv_unit = jnp.ldexp(
-        jnp.ones((), jnp.float32), 2 - jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT)
+    readers, reader_of_block, row_of_block = _block_readers(leaves)
+    num_blocks = len(reader_of_block)
+    reader_of_block, row_of_block = jnp.asarray(reader_of_block), jnp.asarray(row_of_block)
+    combine = jnp.maximum if kind == "inf" else jnp.add
+
+    def add_block(block: int, carry: tuple) -> tuple:
+        exponent, power_sum, has_nonfinite = carry
+        magnitudes, nonfinite = jax.lax.switch(
+            reader_of_block[block], readers, row_of_block[block]
+        )
+        largest = jnp.max(magnitudes)
+        _, block_exponent = jnp.frexp(jnp.where(largest > 0, largest, 1.0))
+        block_exponent = jnp.clip(block_exponent, _MIN_EXPONENT, _MAX_EXPONENT)
+        # Two exact products: 2**(2 - e) is a normal float32 for every e kept.
+        scale = jnp.ldexp(jnp.ones((), jnp.float32), 2 - block_exponent)
+        scaled = magnitudes * scale * 0.25
+        block_exponent = jnp.where(largest > 0, block_exponent, _EMPTY_EXPONENT)
+        new_exponent = jnp.maximum(exponent, block_exponent)
+        power_sum = combine(
+            power_sum * _weight(exponent - new_exponent, kind, p),
+            _power_sum([scaled], kind, p) * _weight(block_exponent - new_exponent, kind, p),
+        )
+        return new_exponent, power_sum, has_nonfinite | jnp.any(nonfinite)
+
+    empty = (
+        jnp.asarray(_EMPTY_EXPONENT, jnp.int32),
+        jnp.zeros((), jnp.float32),
+        jnp.zeros((), bool),
     )
-    mantissa = total.largest * inv_unit
-    if kind != "inf":
-        mantissa *= _root(total.scaled_sum, kind, p)
+    exponent, power_sum, has_nonfinite = jax.lax.fori_loop(0, num_blocks, add_block, empty)
+    # The norm is 2**exponent * root(power_sum); inv_unit = 2**(2 - exponent).
+    is_zero = power_sum == 0
+    inv_unit = jnp.ldexp(
+        jnp.ones((), jnp.float32), jnp.where(is_zero, 0, 2 - exponent)
+    )
+    mantissa = jnp.where(is_zero, 0.0, 4.0 * _root(power_sum, kind, p))
     return NormParts(mantissa, inv_unit, has_nonfinite)
 
 
@@ -220,11 +227,16 @@ def _kind_of(norm_ord: Any) -> str:
 
 
 def _static_norm_parts(updates: Any, kind: str, p: Any) -> NormParts:
-    power_sum = _power_sum([_magnitude(leaf) for leaf in jax.tree.leaves(updates)], kind, p)
+    leaves = jax.tree.leaves(updates)
+    power_sum = _power_sum([_magnitude(leaf) for leaf in leaves], kind, p)
+    # Terms below float32's normal range may be flushed to zero; they total at most
+    # size * 2**-126, under float32's precision of any sum above size * 2**-102.
+    size = sum(leaf.size for leaf in leaves)
+    smallest_exact = max(2.0**-100, size * 2.0**-102)
     # Rare path: NaN or inf in the updates, or a norm so large or small that its
-    # reciprocal (XLA may divide by multiplying) or its squares would leave float32's
-    # normal range; all-zero updates too, as their squares may have underflowed.
-    in_range = (power_sum >= 2.0**-100) & (power_sum <= 2.0**100)
+    # reciprocal (XLA may divide by multiplying) or its terms would leave float32's
+    # normal range; all-zero updates too, as their terms may have underflowed.
+    in_range = (power_sum >= smallest_exact) & (power_sum <= 2.0**100)
     return jax.lax.cond(
         in_range,
         lambda: NormParts(
@@ -303,14 +315,17 @@ def apply_threshold(
     # never 0 where it is used: there the norm exceeds a threshold >= 0.
     ratio = threshold / jnp.where(clipped, parts.mantissa, 1.0)
 
+    changed = clipped if nonfinite == "propagate" else clipped | parts.has_nonfinite
+
     def scale_leaf(leaf: jax.Array) -> jax.Array:
-        if nonfinite == "impute":
-            leaf = impute_nonfinite(leaf)
+        fixed = impute_nonfinite(leaf) if nonfinite == "impute" else leaf
         # The float32 scalars promote bf16/f16 leaves to float32 for the product.
-        scaled = (leaf * parts.inv_unit * ratio).astype(leaf.dtype)
-        new_leaf = jnp.where(clipped, scaled, leaf)
+        scaled = (fixed * parts.inv_unit * ratio).astype(leaf.dtype)
+        new_leaf = jnp.where(clipped, scaled, fixed)
         if nonfinite == "zero":
             new_leaf = jnp.where(parts.has_nonfinite, jnp.zeros_like(leaf), new_leaf)
-        return new_leaf
+        # Selecting `leaf` itself when nothing changes lets XLA skip rewriting a
+        # donated buffer, so an update that is not clipped costs only its norm.
+        return jnp.where(changed, new_leaf, leaf)
 
     return jax.tree.map(scale_leaf, updates), clipped
