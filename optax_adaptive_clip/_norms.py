@@ -70,11 +70,18 @@ def _magnitude(leaf: jax.Array) -> jax.Array:
 
 
 def _power_sum(magnitudes: list[jax.Array], kind: str, p: Any) -> jax.Array:
-    """``sum |x|^p`` over every element (``max |x|`` for ``kind == "inf"``)."""
+    """``sum |x|^p`` over every element (``max |x|`` for ``kind == "inf"``).
+
+    A NaN entry makes the result NaN or inf, never a finite value.
+    """
     if kind == "inf":
+        # A vectorised max may drop NaN; as inf it reaches the caller's range check.
         return functools.reduce(
             jnp.maximum,
-            [jnp.max(magnitude, initial=0.0) for magnitude in magnitudes],
+            [
+                jnp.max(jnp.where(jnp.isnan(magnitude), jnp.inf, magnitude), initial=0.0)
+                for magnitude in magnitudes
+            ],
             jnp.zeros((), jnp.float32),
         )
     if kind == "1":
@@ -96,8 +103,6 @@ def _root(power_sum: jax.Array, kind: str, p: Any) -> jax.Array:
 
 # Exponents e for which 2**(2 - e) is a normal, finite float32.
 _MIN_EXPONENT, _MAX_EXPONENT = -125, 128
-# Exponent standing for "no nonzero entry yet"; 2**(p * (it - e)) underflows to 0.
-_EMPTY_EXPONENT = -300
 # Entries per block of the careful pass: its temporary buffers are a few of these.
 _BLOCK = 4096
 
@@ -155,25 +160,35 @@ def _block_readers(leaves: list[jax.Array]) -> tuple[list[_BlockReader], np.ndar
     return readers, np.asarray(reader_of_block, np.int32), np.asarray(row_of_block, np.int32)
 
 
-def _weight(exponent_drop: jax.Array, kind: str, p: Any) -> jax.Array:
-    """``2**(p * exponent_drop)``: rescales a power sum to a larger unit, exactly for p 1 and 2."""
-    if kind == "p":
-        return jnp.exp2(p * exponent_drop.astype(jnp.float32))
-    power = 2 if kind == "2" else 1
-    return jnp.ldexp(jnp.ones((), jnp.float32), power * exponent_drop)
+def _inv_unit(largest: jax.Array) -> jax.Array:
+    """``2**(2 - e)`` with ``largest < 2**e``: a normal float32 bringing ``largest`` into [2, 4)."""
+    _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1.0))
+    return jnp.ldexp(
+        jnp.ones((), jnp.float32), 2 - jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT)
+    )
+
+
+def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``numerator / denominator`` for ``0 <= numerator <= denominator``; 0 where the latter is 0.
+
+    Both are first multiplied by the same power of two, which is exact, so that no
+    reciprocal (XLA may divide by multiplying) leaves float32's range.
+    """
+    scale = _inv_unit(denominator)
+    return jnp.where(denominator > 0, (numerator * scale) / (denominator * scale), 0.0)
 
 
 def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
-    """Norm of the imputed updates, block by block, each block scaled by a power of two.
+    """Norm of the imputed updates, block by block, relative to the largest magnitude.
 
-    A loop reads the updates in blocks of ``_BLOCK`` entries, scales each block
-    so that its largest magnitude lies in [0.5, 1), and adds its power sum to a
-    running one kept relative to the largest power of two seen so far. Nothing
-    can overflow or lose its significant entries, the loop's buffers are a few
-    blocks whatever the size of the updates, and the compiled step carries a
-    single copy of the reductions instead of one per leaf: each reduction adds a
-    fixed cost to every execution of the step, even when this branch is not
-    taken.
+    A loop reads the updates in blocks of ``_BLOCK`` entries, takes each block's
+    power sum relative to its largest magnitude, and adds it to a running power
+    sum kept relative to the largest magnitude seen so far. Nothing can overflow,
+    and what underflows is negligible next to the largest entry's term of 1. The
+    loop's buffers are a few blocks whatever the size of the updates, and the
+    compiled step holds a single copy of its reductions instead of one per leaf:
+    each reduction adds a fixed cost to every execution of the step, even when
+    this branch is not taken.
     """
     leaves = [leaf for leaf in jax.tree.leaves(updates) if leaf.size]
     if not leaves:
@@ -183,37 +198,29 @@ def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
     reader_of_block, row_of_block = jnp.asarray(reader_of_block), jnp.asarray(row_of_block)
     combine = jnp.maximum if kind == "inf" else jnp.add
 
-    def add_block(block: int, carry: tuple) -> tuple:
-        exponent, power_sum, has_nonfinite = carry
-        magnitudes, nonfinite = jax.lax.switch(
-            reader_of_block[block], readers, row_of_block[block]
-        )
-        largest = jnp.max(magnitudes)
-        _, block_exponent = jnp.frexp(jnp.where(largest > 0, largest, 1.0))
-        block_exponent = jnp.clip(block_exponent, _MIN_EXPONENT, _MAX_EXPONENT)
-        # Two exact products: 2**(2 - e) is a normal float32 for every e kept.
-        scale = jnp.ldexp(jnp.ones((), jnp.float32), 2 - block_exponent)
-        scaled = magnitudes * scale * 0.25
-        block_exponent = jnp.where(largest > 0, block_exponent, _EMPTY_EXPONENT)
-        new_exponent = jnp.maximum(exponent, block_exponent)
-        power_sum = combine(
-            power_sum * _weight(exponent - new_exponent, kind, p),
-            _power_sum([scaled], kind, p) * _weight(block_exponent - new_exponent, kind, p),
-        )
-        return new_exponent, power_sum, has_nonfinite | jnp.any(nonfinite)
+    def rescaled(power_sum: jax.Array, largest: jax.Array, new_largest: jax.Array) -> jax.Array:
+        ratio = _ratio(largest, new_largest)
+        return power_sum * _power_sum([ratio], kind, p)
 
-    empty = (
-        jnp.asarray(_EMPTY_EXPONENT, jnp.int32),
-        jnp.zeros((), jnp.float32),
-        jnp.zeros((), bool),
-    )
-    exponent, power_sum, has_nonfinite = jax.lax.fori_loop(0, num_blocks, add_block, empty)
-    # The norm is 2**exponent * root(power_sum); inv_unit = 2**(2 - exponent).
-    is_zero = power_sum == 0
-    inv_unit = jnp.ldexp(
-        jnp.ones((), jnp.float32), jnp.where(is_zero, 0, 2 - exponent)
-    )
-    mantissa = jnp.where(is_zero, 0.0, 4.0 * _root(power_sum, kind, p))
+    def add_block(block: int, carry: tuple) -> tuple:
+        largest, power_sum, has_nonfinite = carry
+        magnitudes, nonfinite = jax.lax.switch(reader_of_block[block], readers, row_of_block[block])
+        block_largest = jnp.max(magnitudes)
+        block_sum = _power_sum([_ratio(magnitudes, block_largest)], kind, p)
+        new_largest = jnp.maximum(largest, block_largest)
+        power_sum = combine(
+            rescaled(power_sum, largest, new_largest),
+            rescaled(block_sum, block_largest, new_largest),
+        )
+        return new_largest, power_sum, has_nonfinite | jnp.any(nonfinite)
+
+    nothing = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), bool))
+    largest, power_sum, has_nonfinite = jax.lax.fori_loop(0, num_blocks, add_block, nothing)
+    # The norm is largest * root(power_sum), carried as mantissa / inv_unit.
+    inv_unit = _inv_unit(largest)
+    mantissa = largest * inv_unit
+    if kind != "inf":  # the inf-norm is the largest magnitude itself
+        mantissa *= _root(power_sum, kind, p)
     return NormParts(mantissa, inv_unit, has_nonfinite)
 
 
@@ -258,10 +265,7 @@ def norm_parts(updates: Any, norm_ord: Any = 2) -> NormParts:
     branch = jnp.select([p == 1.0, p == 2.0, jnp.isinf(p)], [0, 1, 2], default=3)
     return jax.lax.switch(
         branch,
-        [
-            functools.partial(_static_norm_parts, kind=kind, p=p)
-            for kind in ("1", "2", "inf", "p")
-        ],
+        [functools.partial(_static_norm_parts, kind=kind, p=p) for kind in ("1", "2", "inf", "p")],
         updates,
     )
 
@@ -318,7 +322,11 @@ def apply_threshold(
     changed = clipped if nonfinite == "propagate" else clipped | parts.has_nonfinite
 
     def scale_leaf(leaf: jax.Array) -> jax.Array:
-        fixed = impute_nonfinite(leaf) if nonfinite == "impute" else leaf
+        fixed = leaf
+        if nonfinite == "impute":
+            # Imputing only under the loop-invariant flag lets the compiler drop the
+            # imputation from the loop it runs when there is nothing to impute.
+            fixed = jnp.where(parts.has_nonfinite, impute_nonfinite(leaf), leaf)
         # The float32 scalars promote bf16/f16 leaves to float32 for the product.
         scaled = (fixed * parts.inv_unit * ratio).astype(leaf.dtype)
         new_leaf = jnp.where(clipped, scaled, fixed)

@@ -1,0 +1,142 @@
+"""The global norm's careful pass, the rewrite of unchanged updates, and the history's invariant.
+
+The careful pass runs for NaN/inf and for norms near either end of float32's
+range; it reads the updates block by block, so leaf sizes around a block's
+length are the edge cases.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_adaptive_clip as oac
+from optax_adaptive_clip import _norms
+
+BLOCK = _norms._BLOCK
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+LEAF_SIZES = [
+    (1,),
+    (BLOCK - 1,),
+    (BLOCK,),
+    (BLOCK + 1,),
+    (3 * BLOCK + 5, 7, 0, 2 * BLOCK),
+]
+
+
+def reference_norm(leaves: list[np.ndarray], norm_ord: float) -> tuple[float, bool]:
+    """The norm of the imputed values in float64, saturated at float32's maximum."""
+    flat = np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in leaves])
+    has_nonfinite = not np.all(np.isfinite(flat))
+    imputed = np.nan_to_num(flat, nan=0.0, posinf=1e6, neginf=-1e6)
+    return min(float(np.linalg.norm(imputed, ord=norm_ord)), FLOAT32_MAX), has_nonfinite
+
+
+@pytest.mark.parametrize("sizes", LEAF_SIZES, ids=str)
+@pytest.mark.parametrize("norm_ord", [1, 2, 3, 7.5, float("inf")])
+@pytest.mark.parametrize("magnitude", [1e-30, 1e25, 1e37])
+@pytest.mark.parametrize("bad_value", [None, np.nan, -np.inf])
+def test_careful_pass_matches_float64(sizes, norm_ord, magnitude, bad_value):
+    rng = np.random.default_rng(len(sizes) + sum(sizes))
+    leaves = [np.float32(magnitude) * rng.standard_normal(size, np.float32) for size in sizes]
+    if bad_value is not None:
+        leaves[0][rng.integers(sizes[0])] = bad_value
+    expected_norm, expected_nonfinite = reference_norm(leaves, norm_ord)
+
+    norm, has_nonfinite = jax.jit(oac.global_norm, static_argnums=1)(
+        [jnp.asarray(leaf) for leaf in leaves], norm_ord
+    )
+    assert bool(has_nonfinite) == expected_nonfinite
+    np.testing.assert_allclose(float(norm), expected_norm, rtol=2e-5)
+
+
+def test_careful_pass_with_a_traced_norm_ord():
+    grads = {"a": jnp.full((BLOCK + 3,), 1e30, jnp.float32), "b": jnp.array([jnp.inf, 2.0])}
+    for norm_ord in (1.0, 2.0, 3.0, float("inf")):
+        norm, has_nonfinite = jax.jit(oac.global_norm)(grads, jnp.float32(norm_ord))
+        expected, _ = reference_norm([np.asarray(leaf) for leaf in grads.values()], norm_ord)
+        assert bool(has_nonfinite)
+        np.testing.assert_allclose(float(norm), expected, rtol=2e-5)
+
+
+def test_careful_pass_stays_accurate_over_many_blocks():
+    leaf = jax.random.uniform(jax.random.key(0), (2**20,), jnp.float32) * 1e25
+    norm, _ = jax.jit(oac.global_norm)([leaf])
+    expected = np.linalg.norm(np.asarray(leaf, np.float64))
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
+
+
+def test_careful_pass_reads_bf16_and_complex_leaves():
+    grads = [
+        jnp.array([3e30, -4e30], jnp.bfloat16),
+        jnp.array([3e30 + 4e30j], jnp.complex64),
+        jnp.array([jnp.nan], jnp.float16),
+    ]
+    norm, has_nonfinite = oac.global_norm(grads)
+    expected = np.sqrt(2.0) * 5e30  # two norms of 5e30; the NaN reads as 0
+    assert bool(has_nonfinite)
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-2)  # bf16 rounds the inputs
+
+
+def count_reductions(function, *args) -> int:
+    """Reductions in the jaxpr of ``function``, nested jaxprs (loops, branches) included."""
+    text = str(jax.make_jaxpr(function)(*args))
+    return len(re.findall(r"\breduce_(?:sum|max|min|or|and|prod)\b", text))
+
+
+def test_careful_pass_holds_one_copy_of_its_reductions_whatever_the_leaves():
+    # Every reduction in the compiled step costs each execution a little, taken or
+    # not; the careful pass must not hold one per leaf.
+    def careful(updates):
+        return _norms._careful_norm(updates, "2", 2)
+
+    few = [jnp.ones((BLOCK + 1,)) for _ in range(3)]
+    many = [jnp.ones((BLOCK + 1,)) for _ in range(30)]
+    assert 0 < count_reductions(careful, few) == count_reductions(careful, many)
+
+
+def test_compiled_step_adds_no_gradient_sized_buffer():
+    tx = oac.adaptive_clip()
+    grads = {f"w{index}": jnp.zeros((1000, 1000)) for index in range(4)}
+    compiled = jax.jit(tx.update, donate_argnums=(0, 1)).lower(grads, tx.init(grads)).compile()
+    memory = compiled.memory_analysis()
+    if memory is None:
+        pytest.skip("this backend reports no memory analysis")
+    # The careful pass works in blocks: a fixed few tens of KiB, not 16 MB of gradients.
+    assert memory.temp_size_in_bytes < 2**16
+
+
+def test_unchanged_updates_come_back_bit_identical():
+    tiny = np.float32(1e-40)  # subnormal: a product by 1.0 may flush it to zero
+    grads = jnp.array([tiny, -0.0, 1.0, -2.5], jnp.float32)
+    tx = oac.adaptive_clip(window=2, max_norm=10.0)
+    out, state = jax.jit(tx.update)(grads, tx.init(grads))
+    assert not bool(state.last_clipped)
+    assert np.asarray(out).tobytes() == np.asarray(grads).tobytes()
+
+
+def test_imputed_update_that_is_not_clipped_keeps_its_finite_entries_exactly():
+    grads = jnp.array([np.float32(1e-40), -0.0, jnp.nan, -jnp.inf], jnp.float32)
+    tx = oac.adaptive_clip(window=2)  # no threshold yet: nothing is clipped
+    out, state = jax.jit(tx.update)(grads, tx.init(grads))
+    assert not bool(state.last_clipped) and int(state.nonfinite_count) == 1
+    expected = np.array([1e-40, -0.0, 0.0, -1e6], np.float32)
+    assert np.asarray(out).tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("window", [4, 2048])
+def test_unfilled_slots_stay_zero_and_statistics_ignore_them(window):
+    tx = oac.adaptive_clip(window=window, min_history=2)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(2))
+    norms = [5.0, 1.0, 3.0]
+    for norm in norms:
+        _, state = update(jnp.array([norm, 0.0]), state)
+    np.testing.assert_array_equal(np.asarray(state.norms[len(norms) :]), 0.0)
+    mean, std = oac.history_mean_std(state.norms, state.count)
+    np.testing.assert_allclose(float(mean), np.mean(norms), rtol=1e-6)
+    np.testing.assert_allclose(float(std), np.std(norms, ddof=1), rtol=1e-6)
