@@ -168,14 +168,16 @@ def _inv_unit(largest: jax.Array) -> jax.Array:
     )
 
 
-def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """``numerator / denominator`` for ``0 <= numerator <= denominator``; 0 where the latter is 0.
+def _relative_to(values: jax.Array, largest: jax.Array) -> jax.Array:
+    """``values / largest`` for ``0 <= values <= largest``; 0 where ``largest`` is 0.
 
-    Both are first multiplied by the same power of two, which is exact, so that no
-    reciprocal (XLA may divide by multiplying) leaves float32's range.
+    Computed as two products by scalars within float32's normal range (a power of
+    two, exact, then the reciprocal of ``largest`` brought into [2, 4)), which fuse
+    into whatever reads the result.
     """
-    scale = _inv_unit(denominator)
-    return jnp.where(denominator > 0, (numerator * scale) / (denominator * scale), 0.0)
+    scale = _inv_unit(largest)
+    reciprocal = jnp.where(largest > 0, 1.0 / (largest * scale), 0.0)
+    return values * scale * reciprocal
 
 
 def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
@@ -199,14 +201,14 @@ def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
     combine = jnp.maximum if kind == "inf" else jnp.add
 
     def rescaled(power_sum: jax.Array, largest: jax.Array, new_largest: jax.Array) -> jax.Array:
-        ratio = _ratio(largest, new_largest)
+        ratio = _relative_to(largest, new_largest)
         return power_sum * _power_sum([ratio], kind, p)
 
     def add_block(block: int, carry: tuple) -> tuple:
         largest, power_sum, has_nonfinite = carry
         magnitudes, nonfinite = jax.lax.switch(reader_of_block[block], readers, row_of_block[block])
         block_largest = jnp.max(magnitudes)
-        block_sum = _power_sum([_ratio(magnitudes, block_largest)], kind, p)
+        block_sum = _power_sum([_relative_to(magnitudes, block_largest)], kind, p)
         new_largest = jnp.maximum(largest, block_largest)
         power_sum = combine(
             rescaled(power_sum, largest, new_largest),
