@@ -84,13 +84,17 @@ def _power_sum(magnitudes: list[jax.Array], kind: str, p: Any) -> jax.Array:
             ],
             jnp.zeros((), jnp.float32),
         )
-    if kind == "1":
-        per_leaf = [jnp.sum(magnitude) for magnitude in magnitudes]
-    elif kind == "2":
-        per_leaf = [jnp.sum(jnp.square(magnitude)) for magnitude in magnitudes]
-    else:
-        per_leaf = [jnp.sum(magnitude**p) for magnitude in magnitudes]
+    per_leaf = [jnp.sum(_power(magnitude, kind, p)) for magnitude in magnitudes]
     return sum(per_leaf, jnp.zeros((), jnp.float32))
+
+
+def _power(magnitude: jax.Array, kind: str, p: Any) -> jax.Array:
+    """``magnitude**p`` element-wise (the magnitude itself for ``kind == "inf"``)."""
+    if kind in ("1", "inf"):
+        return magnitude
+    if kind == "2":
+        return jnp.square(magnitude)
+    return magnitude**p
 
 
 def _root(power_sum: jax.Array, kind: str, p: Any) -> jax.Array:
@@ -105,6 +109,8 @@ def _root(power_sum: jax.Array, kind: str, p: Any) -> jax.Array:
 _MIN_EXPONENT, _MAX_EXPONENT = -125, 128
 # Entries per block of the careful pass: its temporary buffers are a few of these.
 _BLOCK = 4096
+# Leaves per loop of the careful pass (see _careful_norm).
+_LEAVES_PER_LOOP = 16
 
 # Reads one block of a leaf: a row index to the float32 magnitudes of its (imputed)
 # entries and whether each was NaN or inf, zero-padded to _BLOCK entries.
@@ -180,50 +186,86 @@ def _relative_to(values: jax.Array, largest: jax.Array) -> jax.Array:
     return values * scale * reciprocal
 
 
+class _PartialNorm(NamedTuple):
+    """A power sum relative to ``largest`` magnitude, and whether any entry was NaN or inf."""
+
+    largest: jax.Array
+    power_sum: jax.Array
+    has_nonfinite: jax.Array
+
+
+def _merge(first: _PartialNorm, second: _PartialNorm, kind: str, p: Any) -> _PartialNorm:
+    """Both power sums relative to the larger of their largest magnitudes, combined."""
+    largest = jnp.maximum(first.largest, second.largest)
+
+    def rescaled(part: _PartialNorm) -> jax.Array:
+        # A correctly rounded quotient of values brought into float32's normal range.
+        scale = _inv_unit(largest)
+        ratio = jnp.where(largest > 0, (part.largest * scale) / (largest * scale), 0.0)
+        # Left as it is when its largest magnitude is the overall one: merged block after
+        # block, a product by a rounded 1 would bias the sum.
+        return jnp.where(
+            part.largest == largest, part.power_sum, part.power_sum * _power(ratio, kind, p)
+        )
+
+    combine = jnp.maximum if kind == "inf" else jnp.add
+    return _PartialNorm(
+        largest,
+        combine(rescaled(first), rescaled(second)),
+        first.has_nonfinite | second.has_nonfinite,
+    )
+
+
+def _loop_over_blocks(leaves: list[jax.Array], kind: str, p: Any) -> _PartialNorm:
+    """The imputed power sum of ``leaves`` (not empty), one block per loop iteration."""
+    readers, reader_of_block, row_of_block = _block_readers(leaves)
+    num_blocks = len(reader_of_block)
+    reader_of_block, row_of_block = jnp.asarray(reader_of_block), jnp.asarray(row_of_block)
+
+    def add_block(block: int, partial: _PartialNorm) -> _PartialNorm:
+        magnitudes, nonfinite = jax.lax.switch(reader_of_block[block], readers, row_of_block[block])
+        block_largest = jnp.max(magnitudes)
+        block_sum = _power_sum([_relative_to(magnitudes, block_largest)], kind, p)
+        return _merge(partial, _PartialNorm(block_largest, block_sum, jnp.any(nonfinite)), kind, p)
+
+    nothing = _PartialNorm(
+        jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+    )
+    return jax.lax.fori_loop(0, num_blocks, add_block, nothing)
+
+
 def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
     """Norm of the imputed updates, block by block, relative to the largest magnitude.
 
-    A loop reads the updates in blocks of ``_BLOCK`` entries, takes each block's
-    power sum relative to its largest magnitude, and adds it to a running power
-    sum kept relative to the largest magnitude seen so far. Nothing can overflow,
-    and what underflows is negligible next to the largest entry's term of 1. The
-    loop's buffers are a few blocks whatever the size of the updates, and the
-    compiled step holds a single copy of its reductions instead of one per leaf:
-    each reduction adds a fixed cost to every execution of the step, even when
-    this branch is not taken.
+    Loops read the updates in blocks of ``_BLOCK`` entries, take each block's
+    power sum relative to its largest magnitude, and merge it into a running
+    power sum kept relative to the largest magnitude seen so far. Nothing can
+    overflow, and what underflows is negligible next to the largest entry's term
+    of 1. The loops' buffers are a few blocks whatever the size of the updates.
+
+    Each loop covers up to ``_LEAVES_PER_LOOP`` leaves: every reduction in the
+    compiled step adds a fixed cost to each of its executions, even in a branch
+    that is not taken, so one set per leaf would cost every step; one loop for
+    all leaves would compile in time quadratic in their number, as every branch
+    of its ``lax.switch`` takes every leaf.
     """
     leaves = [leaf for leaf in jax.tree.leaves(updates) if leaf.size]
     if not leaves:
         return NormParts(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32), jnp.zeros((), bool))
-    readers, reader_of_block, row_of_block = _block_readers(leaves)
-    num_blocks = len(reader_of_block)
-    reader_of_block, row_of_block = jnp.asarray(reader_of_block), jnp.asarray(row_of_block)
-    combine = jnp.maximum if kind == "inf" else jnp.add
-
-    def rescaled(power_sum: jax.Array, largest: jax.Array, new_largest: jax.Array) -> jax.Array:
-        ratio = _relative_to(largest, new_largest)
-        return power_sum * _power_sum([ratio], kind, p)
-
-    def add_block(block: int, carry: tuple) -> tuple:
-        largest, power_sum, has_nonfinite = carry
-        magnitudes, nonfinite = jax.lax.switch(reader_of_block[block], readers, row_of_block[block])
-        block_largest = jnp.max(magnitudes)
-        block_sum = _power_sum([_relative_to(magnitudes, block_largest)], kind, p)
-        new_largest = jnp.maximum(largest, block_largest)
-        power_sum = combine(
-            rescaled(power_sum, largest, new_largest),
-            rescaled(block_sum, block_largest, new_largest),
-        )
-        return new_largest, power_sum, has_nonfinite | jnp.any(nonfinite)
-
-    nothing = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), bool))
-    largest, power_sum, has_nonfinite = jax.lax.fori_loop(0, num_blocks, add_block, nothing)
+    groups = [
+        leaves[start : start + _LEAVES_PER_LOOP]
+        for start in range(0, len(leaves), _LEAVES_PER_LOOP)
+    ]
+    total = functools.reduce(
+        lambda first, second: _merge(first, second, kind, p),
+        [_loop_over_blocks(group, kind, p) for group in groups],
+    )
     # The norm is largest * root(power_sum), carried as mantissa / inv_unit.
-    inv_unit = _inv_unit(largest)
-    mantissa = largest * inv_unit
+    inv_unit = _inv_unit(total.largest)
+    mantissa = total.largest * inv_unit
     if kind != "inf":  # the inf-norm is the largest magnitude itself
-        mantissa *= _root(power_sum, kind, p)
-    return NormParts(mantissa, inv_unit, has_nonfinite)
+        mantissa *= _root(total.power_sum, kind, p)
+    return NormParts(mantissa, inv_unit, total.has_nonfinite)
 
 
 def _kind_of(norm_ord: Any) -> str:
