@@ -119,8 +119,8 @@ _BlockReader = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 def _block_magnitudes(values: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Magnitudes beyond float32's range (float64 leaves) count as its largest value.
-    magnitudes = jnp.abs(impute_nonfinite(values)).astype(jnp.float32)
-    return jnp.minimum(magnitudes, _FLOAT32_MAX), ~jnp.isfinite(values)
+    magnitudes = jnp.minimum(_magnitude(impute_nonfinite(values)), _FLOAT32_MAX)
+    return magnitudes, ~jnp.isfinite(values)
 
 
 def _block_readers(leaves: list[jax.Array]) -> tuple[list[_BlockReader], np.ndarray, np.ndarray]:
@@ -177,13 +177,11 @@ def _inv_unit(largest: jax.Array) -> jax.Array:
 def _relative_to(values: jax.Array, largest: jax.Array) -> jax.Array:
     """``values / largest`` for ``0 <= values <= largest``; 0 where ``largest`` is 0.
 
-    Computed as two products by scalars within float32's normal range (a power of
-    two, exact, then the reciprocal of ``largest`` brought into [2, 4)), which fuse
-    into whatever reads the result.
+    A correctly rounded quotient, so that ``largest / largest`` is exactly 1, of
+    both terms first brought into float32's normal range by the same power of two.
     """
     scale = _inv_unit(largest)
-    reciprocal = jnp.where(largest > 0, 1.0 / (largest * scale), 0.0)
-    return values * scale * reciprocal
+    return (values * scale) / jnp.where(largest > 0, largest * scale, 1.0)
 
 
 class _PartialNorm(NamedTuple):
@@ -199,14 +197,7 @@ def _merge(first: _PartialNorm, second: _PartialNorm, kind: str, p: Any) -> _Par
     largest = jnp.maximum(first.largest, second.largest)
 
     def rescaled(part: _PartialNorm) -> jax.Array:
-        # A correctly rounded quotient of values brought into float32's normal range.
-        scale = _inv_unit(largest)
-        ratio = jnp.where(largest > 0, (part.largest * scale) / (largest * scale), 0.0)
-        # Left as it is when its largest magnitude is the overall one: merged block after
-        # block, a product by a rounded 1 would bias the sum.
-        return jnp.where(
-            part.largest == largest, part.power_sum, part.power_sum * _power(ratio, kind, p)
-        )
+        return part.power_sum * _power(_relative_to(part.largest, largest), kind, p)
 
     combine = jnp.maximum if kind == "inf" else jnp.add
     return _PartialNorm(
@@ -376,8 +367,8 @@ def apply_threshold(
         new_leaf = jnp.where(clipped, scaled, fixed)
         if nonfinite == "zero":
             new_leaf = jnp.where(parts.has_nonfinite, jnp.zeros_like(leaf), new_leaf)
-        # Selecting `leaf` itself when nothing changes lets XLA skip rewriting a
-        # donated buffer, so an update that is not clipped costs only its norm.
+        # Selecting `leaf` itself when nothing changes lets the compiler drop the
+        # rewrite of a donated buffer, so an update that is not clipped costs only its norm.
         return jnp.where(changed, new_leaf, leaf)
 
     return jax.tree.map(scale_leaf, updates), clipped
