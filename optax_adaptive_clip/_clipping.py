@@ -92,7 +92,13 @@ def record_norm(
 
     Nothing changes where ``recordable`` is False.
     """
-    recorded = jnp.minimum(norm, threshold) if record == "clipped" else norm
+    if record == "clipped":
+        recorded = jnp.minimum(norm, threshold)
+    else:
+        # Exactly `norm` (the threshold is never NaN), but made to depend on the
+        # threshold: the write is then ordered after the statistics have read the
+        # history, and XLA updates a donated history in place instead of copying it.
+        recorded = jnp.minimum(norm, jnp.maximum(norm, threshold))
     pushed_norms, pushed_index = _history.push(state.norms, state.next_index, recorded)
     return _History(
         norms=jnp.where(recordable, pushed_norms, state.norms),
@@ -386,5 +392,3 @@ def autoclip(
         record=record,
         nonfinite=nonfinite,
     )
-
-

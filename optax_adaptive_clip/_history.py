@@ -8,10 +8,13 @@ slot 0 of a zero-initialised buffer.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 def num_valid(norm_history: jax.Array, count: jax.Array) -> jax.Array:
@@ -35,18 +38,32 @@ def push(
     return norm_history, (next_index + 1) % window
 
 
+def _mean(norm_history: jax.Array, valid_count: jax.Array) -> jax.Array:
+    """Mean of the valid norms (0 when there are none); never overflows."""
+    total = jnp.sum(norm_history)
+
+    def overflowed_mean() -> jax.Array:
+        # The sum overflows only with norms above float32's max / window; next to
+        # those, what scaling down flushes to zero does not count.
+        shift = math.ceil(math.log2(max(norm_history.shape[0], 1)))
+        scaled_total = jnp.sum(norm_history * 2.0**-shift)
+        return jnp.minimum(scaled_total / valid_count * 2.0**shift, _FLOAT32_MAX)
+
+    return jax.lax.cond(
+        jnp.isfinite(total), lambda: total / jnp.maximum(valid_count, 1.0), overflowed_mean
+    )
+
+
 def mean_std(norm_history: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean and sample standard deviation (ddof=1, as ``torch.std``) of the valid norms.
 
     Slots from ``count`` on must hold 0, as they do in every state built by the
-    clippers' ``init`` and updated by :func:`push`: the largest norm and the sum
-    then need no mask, which keeps long histories fast on XLA:CPU, where a
-    masked reduction is several times slower.
+    clippers' ``init`` and updated by :func:`push`: the sum then needs no mask.
 
-    Both statistics are computed on the norms scaled by a power of two near
-    their largest value (an exact operation), then scaled back, so that huge
-    norms cannot overflow the squares; with fewer than two valid norms the
-    deviation is 0.
+    The deviations are taken on the norms scaled by a power of two near their
+    mean (an exact operation), then scaled back. No valid norm exceeds
+    ``num_valid`` times the mean, so no square can overflow, however large the
+    norms; with fewer than two valid norms the deviation is 0.
 
     Example:
       >>> import jax.numpy as jnp
@@ -57,20 +74,19 @@ def mean_std(norm_history: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.
       15.5000 9.380832
     """
     valid_count = num_valid(norm_history, count).astype(jnp.float32)
-    largest = jnp.max(norm_history)
-    # unit = 2**(e - 2) with largest < 2**e: scaling by it is exact, and both it and
-    # its reciprocal are normal float32 values (a product is much cheaper than a division).
-    _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1.0))
+    mean = _mean(norm_history, valid_count)
+    # unit = 2**(e - 2) with mean < 2**e: both it and its reciprocal are normal
+    # float32 values, and the scaled mean lies in [2, 4).
+    _, exponent = jnp.frexp(jnp.where(mean > 0, mean, 1.0))
     exponent = jnp.clip(exponent, -124, 128)
     unit = jnp.ldexp(jnp.ones((), norm_history.dtype), exponent - 2)
-    scaled = norm_history * jnp.ldexp(jnp.ones((), norm_history.dtype), 2 - exponent)
-    scaled_mean = jnp.sum(scaled) / jnp.maximum(valid_count, 1.0)
-    # Valid slots weigh 1 and the others 0: on XLA:CPU a product is cheaper than a
-    # select. Every scaled deviation is below 4, so none turns a weight of 0 into NaN.
-    weight = jnp.clip(count - jnp.arange(norm_history.shape[0]), 0, 1).astype(scaled.dtype)
-    squared_deviations = jnp.square(scaled - scaled_mean) * weight
-    scaled_var = jnp.sum(squared_deviations) / jnp.maximum(valid_count - 1.0, 1.0)
-    return scaled_mean * unit, jnp.sqrt(scaled_var) * unit
+    inv_unit = jnp.ldexp(jnp.ones((), norm_history.dtype), 2 - exponent)
+    valid = jnp.arange(norm_history.shape[0]) < count
+    squared_deviations = jnp.square(norm_history * inv_unit - mean * inv_unit)
+    scaled_var = jnp.sum(jnp.where(valid, squared_deviations, 0.0)) / jnp.maximum(
+        valid_count - 1.0, 1.0
+    )
+    return mean, jnp.sqrt(scaled_var) * unit
 
 
 def percentile(norm_history: jax.Array, count: jax.Array, q: Any) -> jax.Array:

@@ -110,7 +110,7 @@ _MIN_EXPONENT, _MAX_EXPONENT = -125, 128
 # Entries per block of the careful pass: its temporary buffers are a few of these.
 _BLOCK = 4096
 # Leaves per loop of the careful pass (see _careful_norm).
-_LEAVES_PER_LOOP = 16
+_LEAVES_PER_LOOP = 64
 
 # Reads one block of a leaf: a row index to the float32 magnitudes of its (imputed)
 # entries and whether each was NaN or inf, zero-padded to _BLOCK entries.
@@ -234,11 +234,11 @@ def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
     overflow, and what underflows is negligible next to the largest entry's term
     of 1. The loops' buffers are a few blocks whatever the size of the updates.
 
-    Each loop covers up to ``_LEAVES_PER_LOOP`` leaves: every reduction in the
-    compiled step adds a fixed cost to each of its executions, even in a branch
-    that is not taken, so one set per leaf would cost every step; one loop for
-    all leaves would compile in time quadratic in their number, as every branch
-    of its ``lax.switch`` takes every leaf.
+    Each loop covers up to ``_LEAVES_PER_LOOP`` leaves: every loop and every
+    reduction in the compiled step adds a fixed cost to each of its executions,
+    even in a branch that is not taken, so loops or reductions per leaf would
+    cost every step; but one loop for all leaves would compile in time quadratic
+    in their number, as every branch of its ``lax.switch`` takes every leaf.
     """
     leaves = [leaf for leaf in jax.tree.leaves(updates) if leaf.size]
     if not leaves:

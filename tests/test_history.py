@@ -1,0 +1,90 @@
+"""Statistics over the ring buffer of norms against float64 NumPy; the ring updated in place."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optax_adaptive_clip as oac
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
+# XLA:CPU reads subnormal float32 values as 0, so the strategies leave them out.
+finite_norms = st.floats(0.0, FLOAT32_MAX, width=32, allow_subnormal=False)
+
+
+def history_of(norms: list[float], window: int) -> np.ndarray:
+    """A history as the clippers build it: the newest ``window`` norms, then zeros."""
+    kept = norms[-window:]
+    history = np.zeros(window, np.float32)
+    history[: len(kept)] = kept
+    return history
+
+
+def assert_matches_float64(norms: list[float], window: int) -> None:
+    valid = np.asarray(norms[-window:], np.float32).astype(np.float64)
+    mean, std = oac.history_mean_std(
+        jnp.asarray(history_of(norms, window)), jnp.array(len(norms), jnp.int32)
+    )
+    expected_mean = valid.mean() if valid.size else 0.0
+    expected_std = valid.std(ddof=1) if valid.size > 1 else 0.0
+    # The float32 sum and the rounding of the mean bound the errors; results
+    # below float32's smallest normal value may be flushed to zero.
+    np.testing.assert_allclose(float(mean), expected_mean, rtol=1e-5, atol=SMALLEST_NORMAL)
+    tolerance = 1e-5 * expected_mean + 1e-4 * expected_std + SMALLEST_NORMAL
+    assert abs(float(std) - expected_std) <= tolerance
+
+
+@settings(max_examples=200, deadline=None)
+@given(norms=st.lists(finite_norms, max_size=40), window=st.sampled_from([2, 7, 32]))
+def test_mean_std_matches_float64_across_float32_range(norms, window):
+    assert_matches_float64(norms, window)
+
+
+@pytest.mark.parametrize(
+    "norms",
+    [
+        [FLOAT32_MAX, FLOAT32_MAX, 3e38, 1.0],  # the sum overflows float32
+        [FLOAT32_MAX] * 32,
+        [1e-30, 1e30, 5.0],
+        [2e-38, 4e-38, 3e-38],  # just above float32's smallest normal value
+        [0.0, 0.0, 0.0],
+        [0.0, 2.0, 0.0],  # recorded zeros are valid norms, unlike the unfilled slots
+        [7.0],
+        [],
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("window", [4, 32])
+def test_mean_std_at_the_edges(norms, window):
+    assert_matches_float64(norms, window)
+
+
+def test_mean_std_keeps_a_small_spread_around_a_large_mean():
+    norms = list(1e3 + np.linspace(-1e-2, 1e-2, 64))
+    assert_matches_float64(norms, 64)
+
+
+@pytest.mark.parametrize(
+    "make_clipper",
+    [
+        lambda window: oac.adaptive_clip(window=window),
+        lambda window: oac.adaptive_clip(window=window, record="clipped"),
+        lambda window: oac.skip_on_spike(optax.identity(), window=window),
+    ],
+    ids=["raw", "clipped", "skip_on_spike"],
+)
+def test_long_history_is_updated_in_place(make_clipper):
+    window = 65536
+    tx = make_clipper(window)
+    grads = jnp.zeros(10, jnp.float32)
+    step = jax.jit(tx.update, donate_argnums=(0, 1))
+    memory = step.lower(grads, tx.init(grads)).compile().memory_analysis()
+    # One window-sized buffer holds the masked deviations; a copy of the
+    # history, made to write it before the statistics have read it, would be another.
+    assert memory.temp_size_in_bytes < 2 * 4 * window
