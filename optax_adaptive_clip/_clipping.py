@@ -92,13 +92,15 @@ def record_norm(
 
     Nothing changes where ``recordable`` is False.
     """
+    # fmin/fmax ignore a NaN threshold (from an injected NaN hyperparameter), which
+    # must not enter the history.
     if record == "clipped":
-        recorded = jnp.minimum(norm, threshold)
+        recorded = jnp.fmin(norm, threshold)
     else:
-        # Exactly `norm` (the threshold is never NaN), but made to depend on the
-        # threshold: the write is then ordered after the statistics have read the
-        # history, and XLA updates a donated history in place instead of copying it.
-        recorded = jnp.minimum(norm, jnp.maximum(norm, threshold))
+        # Exactly `norm`, but made to depend on the threshold: the write is then
+        # ordered after the statistics have read the history, and XLA updates a
+        # donated history in place instead of copying it.
+        recorded = jnp.fmin(norm, jnp.fmax(norm, threshold))
     pushed_norms, pushed_index = _history.push(state.norms, state.next_index, recorded)
     return _History(
         norms=jnp.where(recordable, pushed_norms, state.norms),

@@ -8,13 +8,12 @@ slot 0 of a zero-initialised buffer.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+from optax_adaptive_clip import _norms
 
 
 def num_valid(norm_history: jax.Array, count: jax.Array) -> jax.Array:
@@ -45,9 +44,9 @@ def _mean(norm_history: jax.Array, valid_count: jax.Array) -> jax.Array:
     def overflowed_mean() -> jax.Array:
         # The sum overflows only with norms above float32's max / window; next to
         # those, what scaling down flushes to zero does not count.
-        shift = math.ceil(math.log2(max(norm_history.shape[0], 1)))
+        shift = max(norm_history.shape[0] - 1, 0).bit_length()  # 2**shift >= window
         scaled_total = jnp.sum(norm_history * 2.0**-shift)
-        return jnp.minimum(scaled_total / valid_count * 2.0**shift, _FLOAT32_MAX)
+        return jnp.minimum(scaled_total / valid_count * 2.0**shift, _norms.FLOAT32_MAX)
 
     return jax.lax.cond(
         jnp.isfinite(total), lambda: total / jnp.maximum(valid_count, 1.0), overflowed_mean
@@ -76,7 +75,7 @@ def mean_std(norm_history: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.
     valid_count = num_valid(norm_history, count).astype(jnp.float32)
     mean = _mean(norm_history, valid_count)
     # unit = 2**(e - 2) with mean < 2**e: both it and its reciprocal are normal
-    # float32 values, and the scaled mean lies in [2, 4).
+    # float32 values, and a positive normal mean scaled by the reciprocal lies in [2, 4).
     _, exponent = jnp.frexp(jnp.where(mean > 0, mean, 1.0))
     exponent = jnp.clip(exponent, -124, 128)
     unit = jnp.ldexp(jnp.ones((), norm_history.dtype), exponent - 2)

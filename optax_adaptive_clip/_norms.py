@@ -29,7 +29,7 @@ from optax_adaptive_clip import _checks
 # NaN becomes 0 and +-inf becomes +-_IMPUTED_MAGNITUDE (capped to the dtype's
 # largest finite value) in "impute" mode, as in the PyTorch prototype.
 _IMPUTED_MAGNITUDE = 1e6
-_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 NONFINITE_MODES = ("impute", "zero", "propagate")
 
@@ -49,7 +49,7 @@ class NormParts(NamedTuple):
     @property
     def norm(self) -> jax.Array:
         """The norm in float32, saturated at float32's largest value."""
-        return jnp.minimum(self.mantissa / self.inv_unit, _FLOAT32_MAX)
+        return jnp.minimum(self.mantissa / self.inv_unit, FLOAT32_MAX)
 
 
 def _is_float_leaf(leaf: jax.Array) -> bool:
@@ -119,7 +119,7 @@ _BlockReader = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 def _block_magnitudes(values: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Magnitudes beyond float32's range (float64 leaves) count as its largest value.
-    magnitudes = jnp.minimum(_magnitude(impute_nonfinite(values)), _FLOAT32_MAX)
+    magnitudes = jnp.minimum(_magnitude(impute_nonfinite(values)), FLOAT32_MAX)
     return magnitudes, ~jnp.isfinite(values)
 
 

@@ -11,7 +11,6 @@ import optax
 from optax_adaptive_clip import _checks, _clipping, _norms
 
 CLIP_OPTIONS = ("adaptive_scaling", "mean")
-_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 class ZClipState(NamedTuple):
@@ -162,7 +161,7 @@ def zclip(
         ema_var = alpha * state.var + (1.0 - alpha) * jnp.square(applied - ema_mean)
         # Saturating keeps huge norms from turning the statistics into inf, then NaN.
         new_mean = jnp.where(warmed_up, ema_mean, warm_mean).astype(jnp.float32)
-        new_var = jnp.minimum(jnp.where(warmed_up, ema_var, warm_var), _FLOAT32_MAX)
+        new_var = jnp.minimum(jnp.where(warmed_up, ema_var, warm_var), _norms.FLOAT32_MAX)
 
         folds = recordable & ~spike if skip_update_on_spike else recordable
         clip_count, nonfinite_count = _clipping.count_events(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optax_adaptive_clip as oac
+from optax_adaptive_clip._clipping import record_norm
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
@@ -70,21 +73,49 @@ def test_mean_std_keeps_a_small_spread_around_a_large_mean():
     assert_matches_float64(norms, 64)
 
 
+@pytest.mark.parametrize("window", [7, 65536, 100003])
+@pytest.mark.parametrize("filled", [0.3, 1.7])  # part of the ring, or wrapped around it
+def test_mean_std_over_long_and_odd_windows(window, filled):
+    rng = np.random.default_rng(window)
+    norms = list(rng.lognormal(0.0, 3.0, size=int(filled * window)).astype(np.float32))
+    assert_matches_float64(norms, window)
+    # Norms near float32's max overflow the plain sum: the scaled fallback takes over.
+    assert_matches_float64([FLOAT32_MAX] * 3 + norms[:3], window)
+
+
+@pytest.mark.parametrize("record", ["raw", "clipped"])
+@pytest.mark.parametrize("threshold", [0.0, 2e-38, 3.0, FLOAT32_MAX, np.inf, np.nan], ids=str)
+def test_recorded_norm_is_exact_whatever_the_threshold(record, threshold):
+    state = oac.adaptive_clip(window=4).init(jnp.zeros(1))
+    for norm in [0.0, 1.5e-38, 2.5, 7.0, FLOAT32_MAX]:
+        history = record_norm(
+            state, jnp.float32(norm), jnp.float32(threshold), record=record, recordable=True
+        )
+        recorded = np.asarray(history.norms)[0]
+        # A NaN threshold (an injected NaN hyperparameter) never enters the history.
+        expected = norm if record == "raw" or np.isnan(threshold) else min(norm, threshold)
+        assert recorded == np.float32(expected), (norm, recorded)
+
+
 @pytest.mark.parametrize(
     "make_clipper",
     [
         lambda window: oac.adaptive_clip(window=window),
         lambda window: oac.adaptive_clip(window=window, record="clipped"),
+        lambda window: optax.inject_hyperparams(oac.adaptive_clip, static_args="window")(
+            window=window, num_std=2.0
+        ),
         lambda window: oac.skip_on_spike(optax.identity(), window=window),
     ],
-    ids=["raw", "clipped", "skip_on_spike"],
+    ids=["raw", "clipped", "inject_hyperparams", "skip_on_spike"],
 )
 def test_long_history_is_updated_in_place(make_clipper):
     window = 65536
     tx = make_clipper(window)
     grads = jnp.zeros(10, jnp.float32)
     step = jax.jit(tx.update, donate_argnums=(0, 1))
-    memory = step.lower(grads, tx.init(grads)).compile().memory_analysis()
-    # One window-sized buffer holds the masked deviations; a copy of the
-    # history, made to write it before the statistics have read it, would be another.
-    assert memory.temp_size_in_bytes < 2 * 4 * window
+    compiled = step.lower(grads, tx.init(grads)).compile()
+    # Were the history written before the statistics have read it, XLA would copy it.
+    assert not re.search(rf"f32\[{window}\]\{{0\}} copy\(", compiled.as_text())
+    # One window-sized buffer holds the masked deviations.
+    assert compiled.memory_analysis().temp_size_in_bytes < 4 * window + 2**15
