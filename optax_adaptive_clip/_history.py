@@ -74,18 +74,13 @@ def mean_std(norm_history: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.
     """
     valid_count = num_valid(norm_history, count).astype(jnp.float32)
     mean = _mean(norm_history, valid_count)
-    # unit = 2**(e - 2) with mean < 2**e: both it and its reciprocal are normal
-    # float32 values, and a positive normal mean scaled by the reciprocal lies in [2, 4).
-    _, exponent = jnp.frexp(jnp.where(mean > 0, mean, 1.0))
-    exponent = jnp.clip(exponent, -124, 128)
-    unit = jnp.ldexp(jnp.ones((), norm_history.dtype), exponent - 2)
-    inv_unit = jnp.ldexp(jnp.ones((), norm_history.dtype), 2 - exponent)
+    inv_unit = _norms.inverse_unit(mean)
     valid = jnp.arange(norm_history.shape[0]) < count
     squared_deviations = jnp.square(norm_history * inv_unit - mean * inv_unit)
     scaled_var = jnp.sum(jnp.where(valid, squared_deviations, 0.0)) / jnp.maximum(
         valid_count - 1.0, 1.0
     )
-    return mean, jnp.sqrt(scaled_var) * unit
+    return mean, jnp.sqrt(scaled_var) / inv_unit
 
 
 def percentile(norm_history: jax.Array, count: jax.Array, q: Any) -> jax.Array:

@@ -166,9 +166,9 @@ def _block_readers(leaves: list[jax.Array]) -> tuple[list[_BlockReader], np.ndar
     return readers, np.asarray(reader_of_block, np.int32), np.asarray(row_of_block, np.int32)
 
 
-def _inv_unit(largest: jax.Array) -> jax.Array:
-    """``2**(2 - e)`` with ``largest < 2**e``: a normal float32 bringing ``largest`` into [2, 4)."""
-    _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1.0))
+def inverse_unit(value: jax.Array) -> jax.Array:
+    """``2**(2 - e)`` with ``value < 2**e``: a normal float32 bringing ``value`` into [2, 4)."""
+    _, exponent = jnp.frexp(jnp.where(value > 0, value, 1.0))
     return jnp.ldexp(
         jnp.ones((), jnp.float32), 2 - jnp.clip(exponent, _MIN_EXPONENT, _MAX_EXPONENT)
     )
@@ -180,7 +180,7 @@ def _relative_to(values: jax.Array, largest: jax.Array) -> jax.Array:
     A correctly rounded quotient, so that ``largest / largest`` is exactly 1, of
     both terms first brought into float32's normal range by the same power of two.
     """
-    scale = _inv_unit(largest)
+    scale = inverse_unit(largest)
     return (values * scale) / jnp.where(largest > 0, largest * scale, 1.0)
 
 
@@ -252,7 +252,7 @@ def _careful_norm(updates: Any, kind: str, p: Any) -> NormParts:
         [_loop_over_blocks(group, kind, p) for group in groups],
     )
     # The norm is largest * root(power_sum), carried as mantissa / inv_unit.
-    inv_unit = _inv_unit(total.largest)
+    inv_unit = inverse_unit(total.largest)
     mantissa = total.largest * inv_unit
     if kind != "inf":  # the inf-norm is the largest magnitude itself
         mantissa *= _root(total.power_sum, kind, p)

@@ -97,6 +97,20 @@ def test_recorded_norm_is_exact_whatever_the_threshold(record, threshold):
         assert recorded == np.float32(expected), (norm, recorded)
 
 
+@pytest.mark.parametrize("window", [4, 2048])
+def test_unfilled_slots_stay_zero_and_statistics_ignore_them(window):
+    tx = oac.adaptive_clip(window=window, min_history=2)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(2))
+    norms = [5.0, 1.0, 3.0]
+    for norm in norms:
+        _, state = update(jnp.array([norm, 0.0]), state)
+    np.testing.assert_array_equal(np.asarray(state.norms[len(norms) :]), 0.0)
+    mean, std = oac.history_mean_std(state.norms, state.count)
+    np.testing.assert_allclose(float(mean), np.mean(norms), rtol=1e-6)
+    np.testing.assert_allclose(float(std), np.std(norms, ddof=1), rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "make_clipper",
     [
