@@ -126,9 +126,9 @@ def _block_magnitudes(values: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _block_readers(leaves: list[jax.Array]) -> tuple[list[_BlockReader], np.ndarray, np.ndarray]:
     """Readers covering every leaf in blocks, and for each block its reader and row.
 
-    A leaf gets one reader for its full blocks, which views it as rows of
-    ``_BLOCK`` entries, and one for its remainder, padded with zeros (which add
-    nothing to any norm).
+    A leaf gets one reader for its full blocks, row ``r`` being its entries
+    ``[r * _BLOCK, (r + 1) * _BLOCK)``, and one for its remainder, padded with
+    zeros (which add nothing to any norm).
     """
     readers: list[_BlockReader] = []
     reader_of_block: list[int] = []
@@ -140,11 +140,10 @@ def _block_readers(leaves: list[jax.Array]) -> tuple[list[_BlockReader], np.ndar
         # read of one block; outside, they would copy the leaf.
         if num_rows:
 
-            def read_row(
-                row: jax.Array, flat: jax.Array = flat, num_rows: int = num_rows
-            ) -> tuple[jax.Array, jax.Array]:
-                rows = flat[: num_rows * _BLOCK].reshape(num_rows, _BLOCK)
-                return _block_magnitudes(jax.lax.dynamic_index_in_dim(rows, row, keepdims=False))
+            def read_row(row: jax.Array, flat: jax.Array = flat) -> tuple[jax.Array, jax.Array]:
+                # A dynamic slice of the flat leaf: a static slice to whole rows first
+                # would be copied out for bfloat16 leaves on XLA:CPU.
+                return _block_magnitudes(jax.lax.dynamic_slice_in_dim(flat, row * _BLOCK, _BLOCK))
 
             reader_of_block += [len(readers)] * num_rows
             row_of_block += range(num_rows)
@@ -268,9 +267,25 @@ def _kind_of(norm_ord: Any) -> str:
     return "p"
 
 
+def _reduction_input(leaf: jax.Array) -> jax.Array:
+    """``leaf`` as the fast pass's reduction reads it.
+
+    XLA:CPU converts a bfloat16 leaf to float32 into a separate, leaf-sized
+    buffer when the leaf is read both by the norm's reduction and by the
+    rescaling; read through an optimisation barrier, the conversion stays inside
+    the reduction. The barrier is lowered for CPU only; other backends, and
+    other dtypes, read the leaf directly.
+    """
+    if leaf.dtype != jnp.bfloat16:
+        return leaf
+    return jax.lax.platform_dependent(
+        leaf, cpu=jax.lax.optimization_barrier, default=lambda leaf: leaf
+    )
+
+
 def _static_norm_parts(updates: Any, kind: str, p: Any) -> NormParts:
     leaves = jax.tree.leaves(updates)
-    power_sum = _power_sum([_magnitude(leaf) for leaf in leaves], kind, p)
+    power_sum = _power_sum([_magnitude(_reduction_input(leaf)) for leaf in leaves], kind, p)
     # Terms below float32's normal range may be flushed to zero; they total at most
     # size * 2**-126, under float32's precision of any sum above size * 2**-102.
     size = sum(leaf.size for leaf in leaves)

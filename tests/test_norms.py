@@ -118,15 +118,28 @@ def test_careful_pass_shares_its_reductions_between_leaves():
     assert 0 < count_reductions(careful, leaves) <= 2 * one_loop
 
 
-def test_compiled_step_adds_no_gradient_sized_buffer():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_step_adds_no_gradient_sized_buffer(dtype):
     tx = oac.adaptive_clip()
-    grads = {f"w{index}": jnp.zeros((1000, 1000)) for index in range(4)}
+    grads = {f"w{index}": jnp.zeros((1000, 1000), dtype) for index in range(4)}
     compiled = jax.jit(tx.update, donate_argnums=(0, 1)).lower(grads, tx.init(grads)).compile()
     memory = compiled.memory_analysis()
     if memory is None:
         pytest.skip("this backend reports no memory analysis")
-    # The careful pass works in blocks: a fixed few tens of KiB, not 16 MB of gradients.
+    # The careful pass works in blocks: a fixed few tens of KiB, not 16 MB of float32
+    # gradients, nor 16 MB of bfloat16 gradients converted to float32.
     assert memory.temp_size_in_bytes < 2**16
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_reduction_barrier_is_lowered_for_cpu_only(platform):
+    # Only XLA:CPU needs the barrier that keeps a bfloat16 leaf's conversion inside
+    # the norm's reduction; elsewhere it could only stand in the way of fusion.
+    grads = {"w": jnp.ones((8, 8), jnp.bfloat16), "b": jnp.ones((8,), jnp.float32)}
+    tx = oac.adaptive_clip()
+    lowered = jax.jit(tx.update).trace(grads, tx.init(grads)).lower(lowering_platforms=(platform,))
+    barriers = lowered.as_text().count("optimization_barrier")
+    assert barriers == (1 if platform == "cpu" else 0)
 
 
 def test_unchanged_updates_come_back_bit_identical():
