@@ -374,8 +374,10 @@ def apply_threshold(
     def scale_leaf(leaf: jax.Array) -> jax.Array:
         fixed = leaf
         if nonfinite == "impute":
-            # Imputing only under the loop-invariant flag lets the compiler drop the
-            # imputation from the loop it runs when there is nothing to impute.
+            # Under the flag, updates without NaN or inf pass through bit-identical. The
+            # compiled loop still does the imputation's arithmetic on every entry (a few
+            # percent of a step at 1M parameters on CPU): moving it into a lax.cond of its
+            # own makes XLA copy the updates into the conditional's outputs instead.
             fixed = jnp.where(parts.has_nonfinite, impute_nonfinite(leaf), leaf)
         # The float32 scalars promote bf16/f16 leaves to float32 for the product.
         scaled = (fixed * parts.inv_unit * ratio).astype(leaf.dtype)
