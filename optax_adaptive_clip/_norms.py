@@ -111,6 +111,7 @@ _MIN_EXPONENT, _MAX_EXPONENT = -125, 128
 _BLOCK = 4096
 # Leaves per loop of the careful pass (see _careful_norm).
 _LEAVES_PER_LOOP = 64
+_MAX_INT32 = int(np.iinfo(np.int32).max)
 
 # Reads one block of a leaf: a row index to the float32 magnitudes of its (imputed)
 # entries and whether each was NaN or inf, zero-padded to _BLOCK entries.
@@ -140,10 +141,17 @@ def _block_readers(leaves: list[jax.Array]) -> tuple[list[_BlockReader], np.ndar
         # read of one block; outside, they would copy the leaf.
         if num_rows:
 
-            def read_row(row: jax.Array, flat: jax.Array = flat) -> tuple[jax.Array, jax.Array]:
-                # A dynamic slice of the flat leaf: a static slice to whole rows first
-                # would be copied out for bfloat16 leaves on XLA:CPU.
-                return _block_magnitudes(jax.lax.dynamic_slice_in_dim(flat, row * _BLOCK, _BLOCK))
+            def read_row(
+                row: jax.Array, flat: jax.Array = flat, num_rows: int = num_rows
+            ) -> tuple[jax.Array, jax.Array]:
+                if flat.shape[0] <= _MAX_INT32:
+                    # A dynamic slice of the flat leaf: a static slice to whole rows
+                    # first is copied out for bfloat16 leaves on XLA:CPU.
+                    start = row * _BLOCK
+                    return _block_magnitudes(jax.lax.dynamic_slice_in_dim(flat, start, _BLOCK))
+                # The offset of a row would overflow int32; index a view of whole rows.
+                rows = flat[: num_rows * _BLOCK].reshape(num_rows, _BLOCK)
+                return _block_magnitudes(jax.lax.dynamic_index_in_dim(rows, row, keepdims=False))
 
             reader_of_block += [len(readers)] * num_rows
             row_of_block += range(num_rows)
@@ -279,7 +287,7 @@ def _reduction_input(leaf: jax.Array) -> jax.Array:
     if leaf.dtype != jnp.bfloat16:
         return leaf
     return jax.lax.platform_dependent(
-        leaf, cpu=jax.lax.optimization_barrier, default=lambda leaf: leaf
+        leaf, cpu=jax.lax.optimization_barrier, default=lambda unchanged: unchanged
     )
 
 
@@ -374,10 +382,9 @@ def apply_threshold(
     def scale_leaf(leaf: jax.Array) -> jax.Array:
         fixed = leaf
         if nonfinite == "impute":
-            # Under the flag, updates without NaN or inf pass through bit-identical. The
-            # compiled loop still does the imputation's arithmetic on every entry (a few
-            # percent of a step at 1M parameters on CPU): moving it into a lax.cond of its
-            # own makes XLA copy the updates into the conditional's outputs instead.
+            # Under the flag, updates without NaN or inf pass through bit-identical. (A
+            # lax.cond of its own for the imputation makes XLA copy the updates into the
+            # conditional's outputs.)
             fixed = jnp.where(parts.has_nonfinite, impute_nonfinite(leaf), leaf)
         # The float32 scalars promote bf16/f16 leaves to float32 for the product.
         scaled = (fixed * parts.inv_unit * ratio).astype(leaf.dtype)

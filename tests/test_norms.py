@@ -144,6 +144,16 @@ def test_compiled_step_adds_no_gradient_sized_buffer(dtype):
     assert clip_temp < norm_temp + 2**16
 
 
+def test_careful_pass_reads_leaves_beyond_int32_offsets_by_rows():
+    # Beyond 2**31 entries a block's int32 offset would wrap and read the wrong
+    # entries; such a leaf is read through a view of whole rows. Only lowered here:
+    # running it would need a 4 GiB leaf.
+    num_rows = 2**31 // BLOCK + 1
+    huge = jax.ShapeDtypeStruct((num_rows * BLOCK,), jnp.bfloat16)
+    careful = jax.jit(lambda leaf: _norms._careful_norm([leaf], "2", 2).mantissa)
+    assert f"tensor<{num_rows}x{BLOCK}xbf16>" in careful.lower(huge).as_text()
+
+
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
 def test_reduction_barrier_is_lowered_for_cpu_only(platform):
     # Only XLA:CPU needs the barrier that keeps a bfloat16 leaf's conversion inside
