@@ -273,7 +273,8 @@ def build_variants(num_params: int, steps_per_sample: int, num_leaves: int) -> l
         )
         if dtype_name == "float32":
             # The default imputes NaN and inf in its output pass; "zero" has nothing to
-            # impute there. The gap between the two is what imputing costs when idle.
+            # impute there. The gap is what keeping the imputation ready costs a step
+            # that needs none.
             variants.append(
                 clip_only_variant(
                     ZERO_NONFINITE, oac.adaptive_clip(nonfinite="zero"),
