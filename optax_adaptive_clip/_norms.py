@@ -56,6 +56,39 @@ def _is_float_leaf(leaf: jax.Array) -> bool:
     return jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
+def _varying_axes(value: Any) -> frozenset:
+    """The manual mesh axes ``value`` varies over inside ``shard_map`` (none elsewhere).
+
+    ``value`` is an array, a tracer or a ``jax.ShapeDtypeStruct``. JAX 0.10 moved
+    this set from ``vma`` to ``manual_axis_type.varying``.
+    """
+    aval = value if isinstance(value, jax.ShapeDtypeStruct) else jax.typeof(value)
+    manual_axis_type = getattr(aval, "manual_axis_type", None)
+    if manual_axis_type is not None:
+        return frozenset(manual_axis_type.varying)
+    return frozenset(getattr(aval, "vma", None) or ())
+
+
+def vary_like(tree: Any, *likes: Any) -> Any:
+    """``tree`` typed as varying over every mesh axis that a leaf of ``likes`` varies over.
+
+    Inside ``shard_map`` (with ``check_vma``) the branches of ``lax.cond`` and
+    ``lax.switch`` and the carry of a loop must agree on these axes, and a value
+    built from constants varies over none. ``jax.lax.pcast`` only changes the
+    type: it costs nothing at run time, and outside ``shard_map``, where nothing
+    varies, ``tree`` is returned as it is.
+    """
+    axes = frozenset().union(*map(_varying_axes, jax.tree.leaves(likes)))
+    if not axes:
+        return tree
+
+    def cast(leaf: Any) -> Any:
+        missing = axes - _varying_axes(leaf)
+        return jax.lax.pcast(leaf, tuple(missing), to="varying") if missing else leaf
+
+    return jax.tree.map(cast, tree)
+
+
 def impute_nonfinite(leaf: jax.Array) -> jax.Array:
     """Replaces NaN by 0 and +-inf by +-1e6 (capped to the dtype's largest value)."""
     if not _is_float_leaf(leaf):
@@ -220,14 +253,20 @@ def _loop_over_blocks(leaves: list[jax.Array], kind: str, p: Any) -> _PartialNor
     num_blocks = len(reader_of_block)
     reader_of_block, row_of_block = jnp.asarray(reader_of_block), jnp.asarray(row_of_block)
 
+    # Under shard_map, every reader's outputs and the carry vary over the mesh axes
+    # of any of the leaves (and of a traced p), as the branches and the loop require.
+    readers = [lambda row, read=read: vary_like(read(row), leaves) for read in readers]
+
     def add_block(block: int, partial: _PartialNorm) -> _PartialNorm:
         magnitudes, nonfinite = jax.lax.switch(reader_of_block[block], readers, row_of_block[block])
         block_largest = jnp.max(magnitudes)
         block_sum = _power_sum([_relative_to(magnitudes, block_largest)], kind, p)
         return _merge(partial, _PartialNorm(block_largest, block_sum, jnp.any(nonfinite)), kind, p)
 
-    nothing = _PartialNorm(
-        jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+    nothing = vary_like(
+        _PartialNorm(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), bool)),
+        leaves,
+        p,
     )
     return jax.lax.fori_loop(0, num_blocks, add_block, nothing)
 
@@ -302,12 +341,16 @@ def _static_norm_parts(updates: Any, kind: str, p: Any) -> NormParts:
     # reciprocal (XLA may divide by multiplying) or its terms would leave float32's
     # normal range; all-zero updates too, as their terms may have underflowed.
     in_range = (power_sum >= smallest_exact) & (power_sum <= 2.0**100)
+    # Under shard_map both branches, and every branch of norm_parts' switch, vary
+    # over the mesh axes of the updates and of a traced p.
     return jax.lax.cond(
         in_range,
-        lambda: NormParts(
-            _root(power_sum, kind, p), jnp.ones((), jnp.float32), jnp.zeros((), bool)
+        lambda: vary_like(
+            NormParts(_root(power_sum, kind, p), jnp.ones((), jnp.float32), jnp.zeros((), bool)),
+            updates,
+            p,
         ),
-        lambda: _careful_norm(updates, kind, p),
+        lambda: vary_like(_careful_norm(updates, kind, p), updates, p),
     )
 
 

@@ -121,14 +121,23 @@ def skip_on_spike(
         threshold = _clipping.cap_threshold(threshold, max_norm)
         skipped = has_nonfinite | (norm > threshold)
 
+        # Under shard_map the branches' outputs must vary over the same mesh axes: the
+        # new inner state over those of the old one too, and the zeros and the old state
+        # over those of what `inner` returns.
         def run_inner() -> tuple[Any, Any]:
-            return inner.update(updates, state.inner_state, params, **extra_args)
+            new_updates, inner_state = inner.update(
+                updates, state.inner_state, params, **extra_args
+            )
+            return new_updates, jax.tree.map(_norms.vary_like, inner_state, state.inner_state)
 
         def skip_inner() -> tuple[Any, Any]:
             # Zeros shaped like what `inner` returns, whose dtypes may differ from the input's.
-            update_shapes, _ = jax.eval_shape(run_inner)
-            zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), update_shapes)
-            return zeros, state.inner_state
+            update_shapes, state_shapes = jax.eval_shape(run_inner)
+            zeros = jax.tree.map(
+                lambda leaf: _norms.vary_like(jnp.zeros(leaf.shape, leaf.dtype), leaf),
+                update_shapes,
+            )
+            return zeros, jax.tree.map(_norms.vary_like, state.inner_state, state_shapes)
 
         new_updates, inner_state = jax.lax.cond(skipped, skip_inner, run_inner)
         # Non-finite gradients are skipped and never recorded.

@@ -21,6 +21,8 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 SUBPROCESS_TIMEOUT_SECONDS = 120
+# Compiles each clipper inside and outside shard_map.
+SHARD_MAP_TIMEOUT_SECONDS = 300
 # float32 rounding: the layouts sum the same numbers in different orders.
 RTOL = 2e-5
 ATOL = 1e-6
@@ -86,6 +88,52 @@ def test_sharded_layouts_match_the_unsharded_run(tmp_path: Path) -> None:
         assert_same_run(runs[layout], reference)
         assert runs[layout]["replicated"].all(), f"{layout}: clip state not replicated"
         assert int(runs[layout]["clip_count"]) == int(reference["clip_count"])
+
+
+@pytest.mark.slow
+def test_clippers_inside_shard_map_match_the_same_updates_outside(tmp_path: Path) -> None:
+    """Inside ``shard_map`` with ``check_vma=True`` every clipper traces and runs.
+
+    Clipping each device's own shard (the local style of ``optax.clip_by_global_norm``
+    inside ``shard_map``, with per-device states) gives on every device what the
+    same update gives outside ``shard_map`` on that shard; clipping a gradient
+    summed inside ``shard_map`` keeps the state replicated and matches the run on
+    the summed gradient. Both are the same computation, so the results are equal.
+    """
+    output = tmp_path / "shard_map.npz"
+    completed = subprocess.run(
+        [sys.executable, str(TESTS_DIR / "_shard_map_worker.py"), str(output)],
+        env=subprocess_env(device_count=8),
+        capture_output=True,
+        text=True,
+        timeout=SHARD_MAP_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    worker = load_worker("_shard_map_worker")
+    with np.load(output) as saved:
+        for name in worker.make_clippers():
+            for use in ("local", "data_parallel"):
+                run = {key: saved[f"{name}/{use}/{key}"] for key in
+                       ("events", "inside_updates", "outside_updates",
+                        "inside_states", "outside_states")}
+                label = f"{name} ({use})"
+                assert 0 < run["events"].sum() < worker.NUM_STEPS * run["events"].size, label
+                for key in ("updates", "states"):
+                    if use == "local":  # each device runs the very computation done outside
+                        np.testing.assert_array_equal(
+                            run[f"inside_{key}"], run[f"outside_{key}"], err_msg=f"{label}: {key}"
+                        )
+                    else:  # psum and sum may add the contributions in different orders
+                        np.testing.assert_allclose(
+                            run[f"inside_{key}"], run[f"outside_{key}"],
+                            rtol=RTOL, atol=ATOL, err_msg=f"{label}: {key}",
+                        )
+            np.testing.assert_array_equal(
+                saved[f"{name}/local/inside_norms"], saved[f"{name}/local/outside_norms"],
+                err_msg=f"{name}: global_norm",
+            )
+            assert saved[f"{name}/data_parallel/replicated"], f"{name}: state not replicated"
 
 
 def free_port() -> int:
