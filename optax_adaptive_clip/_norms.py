@@ -60,9 +60,15 @@ def _varying_axes(value: Any) -> frozenset:
     """The manual mesh axes ``value`` varies over inside ``shard_map`` (none elsewhere).
 
     ``value`` is an array, a tracer or a ``jax.ShapeDtypeStruct``. JAX 0.10 moved
-    this set from ``vma`` to ``manual_axis_type.varying``.
+    this set from ``vma`` to ``manual_axis_type.varying``; JAX releases without
+    ``jax.typeof`` have no such types.
     """
-    aval = value if isinstance(value, jax.ShapeDtypeStruct) else jax.typeof(value)
+    if isinstance(value, jax.ShapeDtypeStruct):
+        aval = value
+    elif hasattr(jax, "typeof"):
+        aval = jax.typeof(value)
+    else:
+        return frozenset()
     manual_axis_type = getattr(aval, "manual_axis_type", None)
     if manual_axis_type is not None:
         return frozenset(manual_axis_type.varying)
