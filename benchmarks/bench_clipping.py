@@ -60,6 +60,10 @@ GLOBAL_SCALING = "clip_by_global_norm, scaling every step"
 SECOND_PASS = "adaptive_clip(w=32), norm's second pass every step"
 GLOBAL_WITH_STATE = "clip_by_global_norm + adaptive_clip's state, passed through"
 ZERO_NONFINITE = "adaptive_clip(w=32, nonfinite='zero')"
+# Steps per jitted call of the rows that run the clipper inside one compiled loop, as a
+# training loop written with lax.scan does.
+LOOP_STEPS = 10
+IN_LOOP = f", {LOOP_STEPS} steps per compiled loop"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 PyTree = Any
@@ -155,12 +159,14 @@ def clip_only_variant(
     *,
     kind: str = "clip",
     feedback_scale: float | None = None,
+    in_loop: bool = False,
 ) -> Variant:
     """Times ``transformation.update`` alone; clipped updates are fed back as gradients.
 
     With ``feedback_scale`` the fed-back updates are first multiplied by it, in the
     same jitted step, so that a clipper that halves the norm sees the same norm
-    again and scales every step.
+    again and scales every step. With ``in_loop`` each jitted call runs
+    ``LOOP_STEPS`` steps in a ``lax.fori_loop``, which share the cost of the call.
     """
 
     def step(updates: PyTree, state: Any) -> tuple[PyTree, Any]:
@@ -168,6 +174,17 @@ def clip_only_variant(
         if feedback_scale is not None:
             updates = jax.tree.map(lambda leaf: (leaf * feedback_scale).astype(leaf.dtype), updates)
         return updates, state
+
+    calls_per_sample = steps_per_sample
+    if in_loop:
+        one_step = step
+
+        def step(updates: PyTree, state: Any) -> tuple[PyTree, Any]:
+            return jax.lax.fori_loop(
+                0, LOOP_STEPS, lambda _, carry: one_step(*carry), (updates, state)
+            )
+
+        calls_per_sample, steps_per_sample = 1, LOOP_STEPS
 
     jitted = jax.jit(step, donate_argnums=(0, 1))
     # States may share one buffer between fields (say, zero counters); donation needs each
@@ -177,7 +194,7 @@ def clip_only_variant(
 
     def run() -> None:
         updates, state = carry
-        for _ in range(steps_per_sample):
+        for _ in range(calls_per_sample):
             updates, state = jitted(updates, state)
         carry[:] = jax.block_until_ready((updates, state))
 
@@ -303,6 +320,20 @@ def build_variants(num_params: int, steps_per_sample: int, num_leaves: int) -> l
                         kind="clip_scaling", feedback_scale=1.0 / GLOBAL_NORM_CAP,
                     )
                 )
+            # Inside one compiled loop the steps share the cost of a call, as in a
+            # training loop written with lax.scan.
+            looped = {
+                "adaptive_clip(w=32)": oac.adaptive_clip(),
+                ZERO_NONFINITE: oac.adaptive_clip(nonfinite="zero"),
+                "clip_by_global_norm": optax.clip_by_global_norm(GLOBAL_NORM_CAP),
+            }
+            for name, transformation in looped.items():
+                variants.append(
+                    clip_only_variant(
+                        name + IN_LOOP, transformation, grads, dtype_name, steps_per_sample,
+                        kind="clip_loop", in_loop=True,
+                    )
+                )
             # A norm of 1e25 (its square overflows float32's sum) sends every step
             # through the norm's rare second pass.
             variants.append(
@@ -385,6 +416,15 @@ COMPARISONS = (
     Comparison(
         "adaptive_clip(nonfinite='zero') / clip_by_global_norm, no step scaled",
         ZERO_NONFINITE, "clip_by_global_norm", "float32",
+    ),
+    Comparison(
+        f"adaptive_clip / clip_by_global_norm, {LOOP_STEPS} steps per compiled loop",
+        "adaptive_clip(w=32)" + IN_LOOP, "clip_by_global_norm" + IN_LOOP, "float32",
+    ),
+    Comparison(
+        f"adaptive_clip(nonfinite='zero') / clip_by_global_norm, {LOOP_STEPS} steps per "
+        "compiled loop",
+        ZERO_NONFINITE + IN_LOOP, "clip_by_global_norm" + IN_LOOP, "float32",
     ),
     Comparison(
         "adaptive_clip / clip_by_global_norm, every step scaled", ADAPTIVE_SCALING,
@@ -526,6 +566,7 @@ def markdown_report(
     references = {
         "clip": "clip_by_global_norm",
         "clip_scaling": GLOBAL_SCALING,
+        "clip_loop": "clip_by_global_norm" + IN_LOOP,
         "optimizer": "chain(clip_by_global_norm, adam)",
     }
     for num_params, by_key in results.items():
@@ -541,8 +582,8 @@ def markdown_report(
     lines += [
         "",
         "Reference for clip-only rows: `clip_by_global_norm` (no step scaled after the "
-        "first) or its every-step-scaled counterpart; for optimizer rows: "
-        "`chain(clip_by_global_norm, adam)`.",
+        "first), its every-step-scaled counterpart, or itself in a compiled loop; for "
+        "optimizer rows: `chain(clip_by_global_norm, adam)`.",
         "",
         "| params | ratio | ratio of medians | median paired ratio | target | met |",
         "|---:|---|---:|---:|---|---|",
