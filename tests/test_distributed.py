@@ -53,6 +53,18 @@ def assert_same_run(actual: dict[str, np.ndarray], expected: dict[str, np.ndarra
         np.testing.assert_allclose(actual[key], expected[key], rtol=RTOL, atol=ATOL, err_msg=key)
 
 
+def run_on_eight_devices(worker: str, output: Path, timeout: float) -> None:
+    """Runs ``tests/<worker> OUTPUT`` in a process that sees 8 virtual CPU devices."""
+    completed = subprocess.run(
+        [sys.executable, str(TESTS_DIR / worker), str(output)],
+        env=subprocess_env(device_count=8),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-5000:]
+
 def check_margins(run: dict[str, np.ndarray]) -> None:
     """The test data keep every norm well away from its threshold, so no decision can flip
     under float32 reordering; a failure here means the data, not the library, changed."""
@@ -65,15 +77,7 @@ def check_margins(run: dict[str, np.ndarray]) -> None:
 @pytest.mark.slow
 def test_sharded_layouts_match_the_unsharded_run(tmp_path: Path) -> None:
     output = tmp_path / "sharded.npz"
-    completed = subprocess.run(
-        [sys.executable, str(TESTS_DIR / "_sharded_worker.py"), str(output)],
-        env=subprocess_env(device_count=8),
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_SECONDS,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-5000:]
+    run_on_eight_devices("_sharded_worker.py", output, SUBPROCESS_TIMEOUT_SECONDS)
     with np.load(output) as saved:
         runs: dict[str, dict[str, np.ndarray]] = {}
         for key in saved.files:
@@ -101,15 +105,7 @@ def test_clippers_inside_shard_map_match_the_same_updates_outside(tmp_path: Path
     the summed gradient. Both are the same computation, so the results are equal.
     """
     output = tmp_path / "shard_map.npz"
-    completed = subprocess.run(
-        [sys.executable, str(TESTS_DIR / "_shard_map_worker.py"), str(output)],
-        env=subprocess_env(device_count=8),
-        capture_output=True,
-        text=True,
-        timeout=SHARD_MAP_TIMEOUT_SECONDS,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-5000:]
+    run_on_eight_devices("_shard_map_worker.py", output, SHARD_MAP_TIMEOUT_SECONDS)
     worker = load_worker("_shard_map_worker")
     with np.load(output) as saved:
         for name in worker.make_clippers():
