@@ -259,8 +259,9 @@ def _loop_over_blocks(leaves: list[jax.Array], kind: str, p: Any) -> _PartialNor
     num_blocks = len(reader_of_block)
     reader_of_block, row_of_block = jnp.asarray(reader_of_block), jnp.asarray(row_of_block)
 
-    # Under shard_map, every reader's outputs and the carry vary over the mesh axes
-    # of any of the leaves (and of a traced p), as the branches and the loop require.
+    # Under shard_map, every reader's outputs vary over the mesh axes of any of the
+    # leaves, and the carry over those and a traced p's, as the branches and the loop
+    # require.
     readers = [lambda row, read=read: vary_like(read(row), leaves) for read in readers]
 
     def add_block(block: int, partial: _PartialNorm) -> _PartialNorm:
@@ -348,7 +349,8 @@ def _static_norm_parts(updates: Any, kind: str, p: Any) -> NormParts:
     # normal range; all-zero updates too, as their terms may have underflowed.
     in_range = (power_sum >= smallest_exact) & (power_sum <= 2.0**100)
     # Under shard_map both branches, and every branch of norm_parts' switch, vary
-    # over the mesh axes of the updates and of a traced p.
+    # over the mesh axes of the updates and of a traced p. (The careful branch's
+    # values already do, through its loop; its cast only keeps that so.)
     return jax.lax.cond(
         in_range,
         lambda: vary_like(
@@ -434,9 +436,9 @@ def apply_threshold(
             # Under the flag, updates without NaN or inf pass through bit-identical. (A
             # lax.cond of its own for the imputation makes XLA copy the updates into the
             # conditional's outputs.) The imputation costs small leaves a little even
-            # when nothing changes: XLA:CPU splits a kernel into parallel tasks when it
-            # has more than 8 element-wise operations per float32 entry, and this one
-            # has 11; no exact imputation in fewer was found.
+            # when nothing changes: XLA:CPU splits a kernel into parallel tasks when its
+            # element-wise operations outnumber the bytes it reads and writes (8 per
+            # float32 entry), and this one has 11; no exact imputation in fewer was found.
             fixed = jnp.where(parts.has_nonfinite, impute_nonfinite(leaf), leaf)
         # The float32 scalars promote bf16/f16 leaves to float32 for the product.
         scaled = (fixed * parts.inv_unit * ratio).astype(leaf.dtype)

@@ -36,6 +36,7 @@ def test_quick_benchmark_writes_table_and_json(tmp_path: Path) -> None:
         ("float32", "clip_by_global_norm + adaptive_clip's state, passed through"),
         ("float32", "adaptive_clip(w=32, nonfinite='zero')"),
         ("float32", "adaptive_clip(w=32), 10 steps per compiled loop"),
+        ("float32", "adaptive_clip(w=32, nonfinite='zero'), 10 steps per compiled loop"),
         ("float32", "clip_by_global_norm, 10 steps per compiled loop"),
         ("float32", "adaptive_clip(max_norm=0.5), scaling every step"),
         ("float32", "clip_by_global_norm, scaling every step"),

@@ -65,6 +65,7 @@ def run_on_eight_devices(worker: str, output: Path, timeout: float) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-5000:]
 
+
 def check_margins(run: dict[str, np.ndarray]) -> None:
     """The test data keep every norm well away from its threshold, so no decision can flip
     under float32 reordering; a failure here means the data, not the library, changed."""
@@ -102,7 +103,7 @@ def test_clippers_inside_shard_map_match_the_same_updates_outside(tmp_path: Path
     inside ``shard_map``, with per-device states) gives on every device what the
     same update gives outside ``shard_map`` on that shard; clipping a gradient
     summed inside ``shard_map`` keeps the state replicated and matches the run on
-    the summed gradient. Both are the same computation, so the results are equal.
+    the summed gradient, to float32 rounding (``psum`` may add in another order).
     """
     output = tmp_path / "shard_map.npz"
     run_on_eight_devices("_shard_map_worker.py", output, SHARD_MAP_TIMEOUT_SECONDS)
