@@ -177,18 +177,13 @@ def clip_only_variant(
             updates = jax.tree.map(lambda leaf: (leaf * feedback_scale).astype(leaf.dtype), updates)
         return updates, state
 
-    calls_per_sample = steps_per_sample
+    def loop_of_steps(updates: PyTree, state: Any) -> tuple[PyTree, Any]:
+        return jax.lax.fori_loop(0, LOOP_STEPS, lambda _, carry: step(*carry), (updates, state))
+
+    calls_per_sample = 1 if in_loop else steps_per_sample
     if in_loop:
-        one_step = step
-
-        def step(updates: PyTree, state: Any) -> tuple[PyTree, Any]:
-            return jax.lax.fori_loop(
-                0, LOOP_STEPS, lambda _, carry: one_step(*carry), (updates, state)
-            )
-
-        calls_per_sample, steps_per_sample = 1, LOOP_STEPS
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+        steps_per_sample = LOOP_STEPS
+    jitted = jax.jit(loop_of_steps if in_loop else step, donate_argnums=(0, 1))
     # States may share one buffer between fields (say, zero counters); donation needs each
     # field to own its buffer.
     carry = [fresh_copy(grads), fresh_copy(transformation.init(grads))]

@@ -75,6 +75,22 @@ def _varying_axes(value: Any) -> frozenset:
     return frozenset(getattr(aval, "vma", None) or ())
 
 
+def _union_of_varying_axes(*likes: Any) -> frozenset:
+    return frozenset().union(*map(_varying_axes, jax.tree.leaves(likes)))
+
+
+def _vary_over(tree: Any, axes: frozenset) -> Any:
+    """``tree`` typed as varying over ``axes`` (as it is when ``axes`` is empty)."""
+    if not axes:
+        return tree
+
+    def cast(leaf: Any) -> Any:
+        missing = axes - _varying_axes(leaf)
+        return jax.lax.pcast(leaf, tuple(missing), to="varying") if missing else leaf
+
+    return jax.tree.map(cast, tree)
+
+
 def vary_like(tree: Any, *likes: Any) -> Any:
     """``tree`` typed as varying over every mesh axis that a leaf of ``likes`` varies over.
 
@@ -84,15 +100,7 @@ def vary_like(tree: Any, *likes: Any) -> Any:
     type: it costs nothing at run time, and outside ``shard_map``, where nothing
     varies, ``tree`` is returned as it is.
     """
-    axes = frozenset().union(*map(_varying_axes, jax.tree.leaves(likes)))
-    if not axes:
-        return tree
-
-    def cast(leaf: Any) -> Any:
-        missing = axes - _varying_axes(leaf)
-        return jax.lax.pcast(leaf, tuple(missing), to="varying") if missing else leaf
-
-    return jax.tree.map(cast, tree)
+    return _vary_over(tree, _union_of_varying_axes(*likes))
 
 
 def impute_nonfinite(leaf: jax.Array) -> jax.Array:
@@ -262,7 +270,8 @@ def _loop_over_blocks(leaves: list[jax.Array], kind: str, p: Any) -> _PartialNor
     # Under shard_map, every reader's outputs vary over the mesh axes of any of the
     # leaves, and the carry over those and a traced p's, as the branches and the loop
     # require.
-    readers = [lambda row, read=read: vary_like(read(row), leaves) for read in readers]
+    leaf_axes = _union_of_varying_axes(leaves)
+    readers = [lambda row, read=read: _vary_over(read(row), leaf_axes) for read in readers]
 
     def add_block(block: int, partial: _PartialNorm) -> _PartialNorm:
         magnitudes, nonfinite = jax.lax.switch(reader_of_block[block], readers, row_of_block[block])
@@ -350,7 +359,7 @@ def _static_norm_parts(updates: Any, kind: str, p: Any) -> NormParts:
     in_range = (power_sum >= smallest_exact) & (power_sum <= 2.0**100)
     # Under shard_map both branches, and every branch of norm_parts' switch, vary
     # over the mesh axes of the updates and of a traced p. (The careful branch's
-    # values already do, through its loop; its cast only keeps that so.)
+    # values do through its loop, but not when every leaf is empty.)
     return jax.lax.cond(
         in_range,
         lambda: vary_like(
