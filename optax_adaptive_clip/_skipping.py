@@ -137,7 +137,14 @@ def skip_on_spike(
                 lambda leaf: _norms.vary_like(jnp.zeros(leaf.shape, leaf.dtype), leaf),
                 update_shapes,
             )
-            return zeros, jax.tree.map(_norms.vary_like, state.inner_state, state_shapes)
+            # The kept state takes the dtypes `inner` returns, which may differ from those it
+            # took: optax.adam turns the moments of integer parameters into floats.
+            kept_state = jax.tree.map(
+                lambda leaf, like: _norms.vary_like(jnp.asarray(leaf, like.dtype), like),
+                state.inner_state,
+                state_shapes,
+            )
+            return zeros, kept_state
 
         new_updates, inner_state = jax.lax.cond(skipped, skip_inner, run_inner)
         # Non-finite gradients are skipped and never recorded.

@@ -129,3 +129,30 @@ def test_skip_on_spike_skips_nonfinite_and_passes_extra_args():
     np.testing.assert_array_equal(np.asarray(out), [0.0, 0.0])
     assert int(state.skip_count) == 1 and int(state.nonfinite_count) == 1
     assert int(state.count) == 1  # the NaN gradient's norm was not recorded
+
+
+def test_skip_on_spike_keeps_the_values_of_a_state_whose_dtype_the_inner_step_changes():
+    # optax.adam returns the first moment of an integer parameter as float32.
+    params = {"weights": jnp.ones(3), "steps": jnp.array([1, 2], jnp.int32)}
+    tx = oac.skip_on_spike(optax.adam(0.1), window=4)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    int_grads = jnp.zeros(2, jnp.int32)
+    out, skipped_state = update(
+        {"weights": jnp.array([jnp.nan, 1.0, 1.0]), "steps": int_grads}, state, params
+    )
+    assert bool(skipped_state.last_skipped)
+    np.testing.assert_array_equal(np.asarray(out["weights"]), np.zeros(3))
+    _, ran_state = update({"weights": jnp.ones(3), "steps": int_grads}, state, params)
+    assert not bool(ran_state.last_skipped)
+    # Both branches return the state in the dtypes adam gives it, the skipped one with
+    # the values it had.
+    assert jax.tree.map(lambda leaf: leaf.dtype, skipped_state.inner_state) == jax.tree.map(
+        lambda leaf: leaf.dtype, ran_state.inner_state
+    )
+    assert skipped_state.inner_state[0].mu["steps"].dtype == jnp.float32
+    jax.tree.map(
+        lambda kept, before: np.testing.assert_array_equal(np.asarray(kept), np.asarray(before)),
+        skipped_state.inner_state,
+        state.inner_state,
+    )
