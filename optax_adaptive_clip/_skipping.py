@@ -53,6 +53,9 @@ def skip_on_spike(
     and leaves the inner state (say Adam's moments and step count) exactly as
     it was, so one corrupted batch leaves no trace; otherwise ``inner`` runs
     as usual. The inner step is not run at all when skipped (``lax.cond``).
+    Where ``inner`` returns a state leaf in another dtype than it took (Adam's
+    first moment of an integer parameter), a skipped step converts the kept
+    value to that dtype.
 
     With the default ``record="clipped"`` a skipped norm is recorded as the
     threshold itself: a lasting rise of the norm then lifts the threshold step
