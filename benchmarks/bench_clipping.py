@@ -415,6 +415,10 @@ COMPARISONS = (
         ZERO_NONFINITE, "clip_by_global_norm", "float32",
     ),
     Comparison(
+        "adaptive_clip / adaptive_clip(nonfinite='zero'), no step scaled",
+        "adaptive_clip(w=32)", ZERO_NONFINITE, "float32",
+    ),
+    Comparison(
         f"adaptive_clip / clip_by_global_norm, {LOOP_STEPS} steps per compiled loop",
         "adaptive_clip(w=32)" + IN_LOOP, "clip_by_global_norm" + IN_LOOP, "float32",
     ),
@@ -422,6 +426,10 @@ COMPARISONS = (
         f"adaptive_clip(nonfinite='zero') / clip_by_global_norm, {LOOP_STEPS} steps per "
         "compiled loop",
         ZERO_NONFINITE + IN_LOOP, "clip_by_global_norm" + IN_LOOP, "float32",
+    ),
+    Comparison(
+        f"adaptive_clip / adaptive_clip(nonfinite='zero'), {LOOP_STEPS} steps per compiled loop",
+        "adaptive_clip(w=32)" + IN_LOOP, ZERO_NONFINITE + IN_LOOP, "float32",
     ),
     Comparison(
         "adaptive_clip / clip_by_global_norm, every step scaled", ADAPTIVE_SCALING,
