@@ -136,8 +136,10 @@ def test_skip_on_spike_keeps_the_values_of_a_state_whose_dtype_the_inner_step_ch
     params = {"weights": jnp.ones(3), "steps": jnp.array([1, 2], jnp.int32)}
     tx = oac.skip_on_spike(optax.adam(0.1), window=4)
     update = jax.jit(tx.update)
-    state = tx.init(params)
     int_grads = jnp.zeros(2, jnp.int32)
+    # One step that runs first, so that the kept state differs from a freshly built one.
+    _, state = update({"weights": jnp.ones(3), "steps": int_grads}, tx.init(params), params)
+    assert int(state.inner_state[0].count) == 1
     out, skipped_state = update(
         {"weights": jnp.array([jnp.nan, 1.0, 1.0]), "steps": int_grads}, state, params
     )
