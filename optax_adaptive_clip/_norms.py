@@ -279,10 +279,9 @@ def _loop_over_blocks(leaves: list[jax.Array], kind: str, p: Any) -> _PartialNor
         block_sum = _power_sum([_relative_to(magnitudes, block_largest)], kind, p)
         return _merge(partial, _PartialNorm(block_largest, block_sum, jnp.any(nonfinite)), kind, p)
 
-    nothing = vary_like(
+    nothing = _vary_over(
         _PartialNorm(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), bool)),
-        leaves,
-        p,
+        leaf_axes | _union_of_varying_axes(p),
     )
     return jax.lax.fori_loop(0, num_blocks, add_block, nothing)
 
@@ -360,14 +359,14 @@ def _static_norm_parts(updates: Any, kind: str, p: Any) -> NormParts:
     # Under shard_map both branches, and every branch of norm_parts' switch, vary
     # over the mesh axes of the updates and of a traced p. (The careful branch's
     # values do through its loop, but not when every leaf is empty.)
+    axes = _union_of_varying_axes(updates, p)
     return jax.lax.cond(
         in_range,
-        lambda: vary_like(
+        lambda: _vary_over(
             NormParts(_root(power_sum, kind, p), jnp.ones((), jnp.float32), jnp.zeros((), bool)),
-            updates,
-            p,
+            axes,
         ),
-        lambda: vary_like(_careful_norm(updates, kind, p), updates, p),
+        lambda: _vary_over(_careful_norm(updates, kind, p), axes),
     )
 
 
