@@ -108,13 +108,7 @@ def impute_nonfinite(leaf: jax.Array) -> jax.Array:
     if not _is_float_leaf(leaf):
         return leaf
     big = min(_IMPUTED_MAGNITUDE, float(jnp.finfo(leaf.dtype).max))
-    if jnp.iscomplexobj(leaf):
-        return jnp.nan_to_num(leaf, nan=0.0, posinf=big, neginf=-big)
-    # Five element-wise operations where jnp.nan_to_num takes six: the clamp maps
-    # +-inf to +-big, and only non-finite entries reach it.
-    bound = jnp.asarray(big, leaf.dtype)
-    imputed = jnp.where(leaf == leaf, jax.lax.clamp(-bound, leaf, bound), jnp.zeros((), leaf.dtype))
-    return jnp.where(jnp.isfinite(leaf), leaf, imputed)
+    return jnp.nan_to_num(leaf, nan=0.0, posinf=big, neginf=-big)
 
 
 def _magnitude(leaf: jax.Array) -> jax.Array:
@@ -432,39 +426,35 @@ def apply_threshold(
 
     Returns:
       ``(new_updates, clipped)``, ``clipped`` a bool scalar. Leaves keep their
-      dtype. Updates without NaN or inf that are not clipped come back
-      bit-identical; imputed ones that are not clipped keep their finite
-      entries, subnormal ones only on backends that do not flush them to zero.
+      dtype; leaves that are not scaled come back bit-identical.
     """
     clipped = parts.mantissa > threshold * parts.inv_unit
     if nonfinite != "impute":
         clipped &= ~parts.has_nonfinite
     # threshold / norm as (threshold / mantissa) * inv_unit, applied in two exact-
-    # enough products: the ratio alone may leave float32's range. Both factors are 1
-    # when the update is not clipped.
-    ratio = jnp.where(clipped, threshold, 1.0) / jnp.where(clipped, parts.mantissa, 1.0)
-    inv_unit = jnp.where(clipped, parts.inv_unit, 1.0)
+    # enough products: the ratio alone may leave float32's range. The divisor is
+    # never 0 where it is used: there the norm exceeds a threshold >= 0.
+    ratio = threshold / jnp.where(clipped, parts.mantissa, 1.0)
 
     changed = clipped if nonfinite == "propagate" else clipped | parts.has_nonfinite
 
     def scale_leaf(leaf: jax.Array) -> jax.Array:
-        fixed = impute_nonfinite(leaf) if nonfinite == "impute" else leaf
+        fixed = leaf
+        if nonfinite == "impute":
+            # Under the flag, updates without NaN or inf pass through bit-identical. (A
+            # lax.cond of its own for the imputation makes XLA copy the updates into the
+            # conditional's outputs.) The imputation costs small leaves a little even
+            # when nothing changes: XLA:CPU splits a kernel into parallel tasks when its
+            # element-wise operations outnumber the bytes it reads and writes (8 per
+            # float32 entry), and this one has 11; no exact imputation in fewer was found.
+            fixed = jnp.where(parts.has_nonfinite, impute_nonfinite(leaf), leaf)
         # The float32 scalars promote bf16/f16 leaves to float32 for the product.
-        new_leaf = (fixed * inv_unit * ratio).astype(leaf.dtype)
-        if not _is_float_leaf(leaf):
-            # Integers beyond float32's precision survive only if left out of the product.
-            new_leaf = jnp.where(clipped, new_leaf, leaf)
+        scaled = (fixed * parts.inv_unit * ratio).astype(leaf.dtype)
+        new_leaf = jnp.where(clipped, scaled, fixed)
         if nonfinite == "zero":
             new_leaf = jnp.where(parts.has_nonfinite, jnp.zeros_like(leaf), new_leaf)
         # Selecting `leaf` itself when nothing changes lets the compiler drop the
-        # rewrite of a donated buffer, so an update that is not clipped costs only its
-        # norm. When an imputed update is not clipped, the product by 1 keeps its
-        # entries, except that backends which flush subnormal results to zero (XLA:CPU
-        # does) flush its subnormal ones. A select between the product and the imputed
-        # values would keep those too, but would make the kernel's element-wise
-        # operations outnumber the bytes it reads and writes (8 per float32 entry), and
-        # XLA:CPU then splits every leaf's kernel into parallel tasks, which costs even
-        # a step that changes nothing.
+        # rewrite of a donated buffer, so an update that is not clipped costs only its norm.
         return jnp.where(changed, new_leaf, leaf)
 
     return jax.tree.map(scale_leaf, updates), clipped
