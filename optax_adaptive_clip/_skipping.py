@@ -134,14 +134,14 @@ def skip_on_spike(
             return new_updates, jax.tree.map(_norms.vary_like, inner_state, state.inner_state)
 
         def skip_inner() -> tuple[Any, Any]:
-            # Zeros shaped like what `inner` returns, whose dtypes may differ from the input's.
+            # Zeros, and the kept state, in the dtypes `inner` returns, which may differ
+            # from those it took: optax.adam turns the moments of integer parameters into
+            # floats.
             update_shapes, state_shapes = jax.eval_shape(run_inner)
             zeros = jax.tree.map(
                 lambda leaf: _norms.vary_like(jnp.zeros(leaf.shape, leaf.dtype), leaf),
                 update_shapes,
             )
-            # The kept state takes the dtypes `inner` returns, which may differ from those it
-            # took: optax.adam turns the moments of integer parameters into floats.
             kept_state = jax.tree.map(
                 lambda leaf, like: _norms.vary_like(jnp.asarray(leaf, like.dtype), like),
                 state.inner_state,
