@@ -276,13 +276,18 @@ def build_variants(num_params: int, steps_per_sample: int, num_leaves: int) -> l
                 clip_only_variant(
                     f"adaptive_clip(w={window})",
                     oac.adaptive_clip(window=window),
-                    grads, dtype_name, steps_per_sample,
+                    grads,
+                    dtype_name,
+                    steps_per_sample,
                 )
             )
         variants.append(
             clip_only_variant(
-                "clip_by_global_norm", optax.clip_by_global_norm(GLOBAL_NORM_CAP),
-                grads, dtype_name, steps_per_sample,
+                "clip_by_global_norm",
+                optax.clip_by_global_norm(GLOBAL_NORM_CAP),
+                grads,
+                dtype_name,
+                steps_per_sample,
             )
         )
         if dtype_name == "float32":
@@ -291,17 +296,20 @@ def build_variants(num_params: int, steps_per_sample: int, num_leaves: int) -> l
             # that needs none.
             variants.append(
                 clip_only_variant(
-                    ZERO_NONFINITE, oac.adaptive_clip(nonfinite="zero"),
-                    grads, dtype_name, steps_per_sample,
+                    ZERO_NONFINITE,
+                    oac.adaptive_clip(nonfinite="zero"),
+                    grads,
+                    dtype_name,
+                    steps_per_sample,
                 )
             )
             variants.append(
                 clip_only_variant(
                     GLOBAL_WITH_STATE,
-                    with_state_of(
-                        optax.clip_by_global_norm(GLOBAL_NORM_CAP), oac.adaptive_clip()
-                    ),
-                    grads, dtype_name, steps_per_sample,
+                    with_state_of(optax.clip_by_global_norm(GLOBAL_NORM_CAP), oac.adaptive_clip()),
+                    grads,
+                    dtype_name,
+                    steps_per_sample,
                 )
             )
             # Both clip to the same cap and are fed back twice their output, so both
@@ -313,8 +321,13 @@ def build_variants(num_params: int, steps_per_sample: int, num_leaves: int) -> l
             for name, transformation in scaling.items():
                 variants.append(
                     clip_only_variant(
-                        name, transformation, grads, dtype_name, steps_per_sample,
-                        kind="clip_scaling", feedback_scale=1.0 / GLOBAL_NORM_CAP,
+                        name,
+                        transformation,
+                        grads,
+                        dtype_name,
+                        steps_per_sample,
+                        kind="clip_scaling",
+                        feedback_scale=1.0 / GLOBAL_NORM_CAP,
                     )
                 )
             # Inside one compiled loop the steps share the cost of a call, as in a
@@ -327,16 +340,24 @@ def build_variants(num_params: int, steps_per_sample: int, num_leaves: int) -> l
             for name, transformation in looped.items():
                 variants.append(
                     clip_only_variant(
-                        name + IN_LOOP, transformation, grads, dtype_name, steps_per_sample,
-                        kind="clip_loop", in_loop=True,
+                        name + IN_LOOP,
+                        transformation,
+                        grads,
+                        dtype_name,
+                        steps_per_sample,
+                        kind="clip_loop",
+                        in_loop=True,
                     )
                 )
             # A norm of 1e25 (its square overflows float32's sum) sends every step
             # through the norm's rare second pass.
             variants.append(
                 clip_only_variant(
-                    SECOND_PASS, oac.adaptive_clip(),
-                    jax.tree.map(lambda leaf: leaf * 1e25, grads), dtype_name, steps_per_sample,
+                    SECOND_PASS,
+                    oac.adaptive_clip(),
+                    jax.tree.map(lambda leaf: leaf * 1e25, grads),
+                    dtype_name,
+                    steps_per_sample,
                 )
             )
         optimizers = {
@@ -350,9 +371,7 @@ def build_variants(num_params: int, steps_per_sample: int, num_leaves: int) -> l
         }
         for name, transformation in optimizers.items():
             variants.append(
-                optimizer_variant(
-                    name, transformation, params, grads, dtype_name, steps_per_sample
-                )
+                optimizer_variant(name, transformation, params, grads, dtype_name, steps_per_sample)
             )
         if dtype_name == "float32":
             variants.append(eager_variant(grads, dtype_name, steps_per_sample))
@@ -360,9 +379,7 @@ def build_variants(num_params: int, steps_per_sample: int, num_leaves: int) -> l
     return variants
 
 
-def time_interleaved(
-    variants: Sequence[Variant], *, warmup: int, reps: int, seed: int
-) -> None:
+def time_interleaved(variants: Sequence[Variant], *, warmup: int, reps: int, seed: int) -> None:
     """Warms every variant up, then takes ``reps`` samples of each in shuffled rounds."""
     for variant in variants:
         for _ in range(warmup):
@@ -399,67 +416,119 @@ class Comparison:
 
 COMPARISONS = (
     Comparison(
-        "adaptive_clip / clip_by_global_norm, no step scaled", "adaptive_clip(w=32)",
-        "clip_by_global_norm", "float32", 1.05,
+        "adaptive_clip / clip_by_global_norm, no step scaled",
+        "adaptive_clip(w=32)",
+        "clip_by_global_norm",
+        "float32",
+        1.05,
     ),
     Comparison(
         "adaptive_clip / clip_by_global_norm carrying the same state, no step scaled",
-        "adaptive_clip(w=32)", GLOBAL_WITH_STATE, "float32",
+        "adaptive_clip(w=32)",
+        GLOBAL_WITH_STATE,
+        "float32",
     ),
     Comparison(
         "clip_by_global_norm carrying adaptive_clip's state / clip_by_global_norm",
-        GLOBAL_WITH_STATE, "clip_by_global_norm", "float32",
+        GLOBAL_WITH_STATE,
+        "clip_by_global_norm",
+        "float32",
     ),
     Comparison(
         "adaptive_clip(nonfinite='zero') / clip_by_global_norm, no step scaled",
-        ZERO_NONFINITE, "clip_by_global_norm", "float32",
+        ZERO_NONFINITE,
+        "clip_by_global_norm",
+        "float32",
     ),
     Comparison(
         "adaptive_clip / adaptive_clip(nonfinite='zero'), no step scaled",
-        "adaptive_clip(w=32)", ZERO_NONFINITE, "float32",
+        "adaptive_clip(w=32)",
+        ZERO_NONFINITE,
+        "float32",
     ),
     Comparison(
         f"adaptive_clip / clip_by_global_norm, {LOOP_STEPS} steps per compiled loop",
-        "adaptive_clip(w=32)" + IN_LOOP, "clip_by_global_norm" + IN_LOOP, "float32",
+        "adaptive_clip(w=32)" + IN_LOOP,
+        "clip_by_global_norm" + IN_LOOP,
+        "float32",
     ),
     Comparison(
         f"adaptive_clip(nonfinite='zero') / clip_by_global_norm, {LOOP_STEPS} steps per "
         "compiled loop",
-        ZERO_NONFINITE + IN_LOOP, "clip_by_global_norm" + IN_LOOP, "float32",
+        ZERO_NONFINITE + IN_LOOP,
+        "clip_by_global_norm" + IN_LOOP,
+        "float32",
     ),
     Comparison(
         f"adaptive_clip / adaptive_clip(nonfinite='zero'), {LOOP_STEPS} steps per compiled loop",
-        "adaptive_clip(w=32)" + IN_LOOP, ZERO_NONFINITE + IN_LOOP, "float32",
+        "adaptive_clip(w=32)" + IN_LOOP,
+        ZERO_NONFINITE + IN_LOOP,
+        "float32",
     ),
     Comparison(
-        "adaptive_clip / clip_by_global_norm, every step scaled", ADAPTIVE_SCALING,
-        GLOBAL_SCALING, "float32", 1.05,
+        "adaptive_clip / clip_by_global_norm, every step scaled",
+        ADAPTIVE_SCALING,
+        GLOBAL_SCALING,
+        "float32",
+        1.05,
     ),
     Comparison(
         "chain(adaptive_clip, adam) / chain(clip_by_global_norm, adam)",
-        "chain(adaptive_clip, adam)", "chain(clip_by_global_norm, adam)", "float32", 1.03,
+        "chain(adaptive_clip, adam)",
+        "chain(clip_by_global_norm, adam)",
+        "float32",
+        1.03,
     ),
-    Comparison("chain(adaptive_clip, adam) / adam", "chain(adaptive_clip, adam)", "adam",
-               "float32"),
-    Comparison("chain(clip_by_global_norm, adam) / adam", "chain(clip_by_global_norm, adam)",
-               "adam", "float32"),
     Comparison(
-        "eager host-sync baseline / adaptive_clip (speed-up)", "eager_host_clip",
-        "adaptive_clip(w=32)", "float32", 3.0, "at_least", (1_000_000,),
+        "chain(adaptive_clip, adam) / adam", "chain(adaptive_clip, adam)", "adam", "float32"
     ),
-    Comparison("adaptive_clip, norm's second pass every step / clip_by_global_norm",
-               SECOND_PASS, "clip_by_global_norm", "float32"),
-    Comparison("adaptive_clip window 1024 / window 32", "adaptive_clip(w=1024)",
-               "adaptive_clip(w=32)", "float32"),
     Comparison(
-        "adaptive_clip window 65536 / window 32", "adaptive_clip(w=65536)",
-        "adaptive_clip(w=32)", "float32", 1.05, "at_most", (10_000_000,),
+        "chain(clip_by_global_norm, adam) / adam",
+        "chain(clip_by_global_norm, adam)",
+        "adam",
+        "float32",
     ),
-    Comparison("bf16: adaptive_clip / clip_by_global_norm", "adaptive_clip(w=32)",
-               "clip_by_global_norm", "bfloat16"),
+    Comparison(
+        "eager host-sync baseline / adaptive_clip (speed-up)",
+        "eager_host_clip",
+        "adaptive_clip(w=32)",
+        "float32",
+        3.0,
+        "at_least",
+        (1_000_000,),
+    ),
+    Comparison(
+        "adaptive_clip, norm's second pass every step / clip_by_global_norm",
+        SECOND_PASS,
+        "clip_by_global_norm",
+        "float32",
+    ),
+    Comparison(
+        "adaptive_clip window 1024 / window 32",
+        "adaptive_clip(w=1024)",
+        "adaptive_clip(w=32)",
+        "float32",
+    ),
+    Comparison(
+        "adaptive_clip window 65536 / window 32",
+        "adaptive_clip(w=65536)",
+        "adaptive_clip(w=32)",
+        "float32",
+        1.05,
+        "at_most",
+        (10_000_000,),
+    ),
+    Comparison(
+        "bf16: adaptive_clip / clip_by_global_norm",
+        "adaptive_clip(w=32)",
+        "clip_by_global_norm",
+        "bfloat16",
+    ),
     Comparison(
         "bf16: chain(adaptive_clip, adam) / chain(clip_by_global_norm, adam)",
-        "chain(adaptive_clip, adam)", "chain(clip_by_global_norm, adam)", "bfloat16",
+        "chain(adaptive_clip, adam)",
+        "chain(clip_by_global_norm, adam)",
+        "bfloat16",
     ),
 )
 
@@ -514,30 +583,35 @@ def evaluate(results: dict[int, dict[str, Variant]]) -> list[dict[str, Any]]:
                     passed = ratio <= comparison.target
                 else:
                     passed = ratio >= comparison.target
-            rows.append({
-                "num_params": num_params,
-                "comparison": comparison.label,
-                "ratio_of_medians": ratio,
-                "median_of_paired_ratios": paired,
-                "target": (
-                    f"{'<=' if comparison.sense == 'at_most' else '>='} {comparison.target}"
-                    if applies else None
-                ),
-                "passed": passed,
-            })
+            rows.append(
+                {
+                    "num_params": num_params,
+                    "comparison": comparison.label,
+                    "ratio_of_medians": ratio,
+                    "median_of_paired_ratios": paired,
+                    "target": (
+                        f"{'<=' if comparison.sense == 'at_most' else '>='} {comparison.target}"
+                        if applies
+                        else None
+                    ),
+                    "passed": passed,
+                }
+            )
         for adaptive, reference in MEMORY_PAIRS:
             for dtype in ("float32", "bfloat16"):
                 left = by_key.get(f"{dtype}/{adaptive}")
                 right = by_key.get(f"{dtype}/{reference}")
                 if left is None or right is None or None in (left.temp_bytes, right.temp_bytes):
                     continue
-                rows.append({
-                    "num_params": num_params,
-                    "comparison": f"temp memory ({dtype}): {adaptive} vs {reference}",
-                    "temp_bytes": [left.temp_bytes, right.temp_bytes],
-                    "target": "<=",
-                    "passed": left.temp_bytes <= right.temp_bytes,
-                })
+                rows.append(
+                    {
+                        "num_params": num_params,
+                        "comparison": f"temp memory ({dtype}): {adaptive} vs {reference}",
+                        "temp_bytes": [left.temp_bytes, right.temp_bytes],
+                        "target": "<=",
+                        "passed": left.temp_bytes <= right.temp_bytes,
+                    }
+                )
     return rows
 
 
@@ -621,22 +695,45 @@ def markdown_report(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes and few samples: checks that the script runs")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
-                        help="total parameter counts (default 1M 10M 50M)")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="timed samples per variant (default scales with size)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes and few samples: checks that the script runs",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="total parameter counts (default 1M 10M 50M)",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed samples per variant (default scales with size)",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed samples per variant")
-    parser.add_argument("--leaves", type=int, default=None,
-                        help=f"leaves per pytree (default {NUM_LEAVES}; "
-                        f"{QUICK_NUM_LEAVES} with --quick)")
+    parser.add_argument(
+        "--leaves",
+        type=int,
+        default=None,
+        help=f"leaves per pytree (default {NUM_LEAVES}; {QUICK_NUM_LEAVES} with --quick)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results path without suffix: writes .json and .md (default "
-                        "benchmarks/results/clipping; with --quick, a temporary directory)")
-    parser.add_argument("--dump-hlo", type=Path, default=None,
-                        help="directory to write each compiled step's optimised HLO to")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results path without suffix: writes .json and .md (default "
+        "benchmarks/results/clipping; with --quick, a temporary directory)",
+    )
+    parser.add_argument(
+        "--dump-hlo",
+        type=Path,
+        default=None,
+        help="directory to write each compiled step's optimised HLO to",
+    )
     return parser.parse_args(argv)
 
 
@@ -656,9 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    reps_by_size = {
-        size: args.reps or (5 if args.quick else default_reps(size)) for size in sizes
-    }
+    reps_by_size = {size: args.reps or (5 if args.quick else default_reps(size)) for size in sizes}
     num_leaves = args.leaves or (QUICK_NUM_LEAVES if args.quick else NUM_LEAVES)
     machine = machine_info()
     print(f"machine: {json.dumps(machine)}", file=sys.stderr)
@@ -666,9 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[int, dict[str, Variant]] = {}
     for num_params in sizes:
         started = time.perf_counter()
-        variants = build_variants(
-            num_params, default_steps_per_sample(num_params), num_leaves
-        )
+        variants = build_variants(num_params, default_steps_per_sample(num_params), num_leaves)
         time_interleaved(variants, warmup=warmup, reps=reps_by_size[num_params], seed=args.seed)
         results[num_params] = {f"{v.dtype}/{v.name}": v for v in variants}
         if args.dump_hlo is not None:
@@ -683,12 +776,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             variant.hlo_text = None
         del variants
         gc.collect()
-        print(f"{num_params:,} params done in {time.perf_counter() - started:.1f} s",
-              file=sys.stderr)
+        print(
+            f"{num_params:,} params done in {time.perf_counter() - started:.1f} s", file=sys.stderr
+        )
 
     rows = evaluate(results)
-    settings = {"warmup": warmup, "reps_by_size": reps_by_size, "quick": args.quick,
-                "num_leaves": num_leaves, "seed": args.seed}
+    settings = {
+        "warmup": warmup,
+        "reps_by_size": reps_by_size,
+        "quick": args.quick,
+        "num_leaves": num_leaves,
+        "seed": args.seed,
+    }
     report = markdown_report(machine, settings, results, rows)
     print(report)
 

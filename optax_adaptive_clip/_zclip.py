@@ -101,9 +101,7 @@ def zclip(
       Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
       <https://arxiv.org/abs/2504.02507>`_, 2025
     """
-    _checks.check_real(
-        "alpha", alpha, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
-    )
+    _checks.check_real("alpha", alpha, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
     _checks.check_real("z_thresh", z_thresh, low=0.0, low_inclusive=False)
     _checks.check_int("warmup_steps", warmup_steps, minimum=1)
     _checks.check_real("eps", eps, low=0.0, low_inclusive=False)

@@ -47,9 +47,7 @@ def make_optimizer() -> optax.GradientTransformation:
 
 def initial_params() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(7)
-    return {
-        name: rng.normal(size=shape).astype(np.float32) for name, shape in LEAF_SHAPES.items()
-    }
+    return {name: rng.normal(size=shape).astype(np.float32) for name, shape in LEAF_SHAPES.items()}
 
 
 def gradients(step: int) -> dict[str, np.ndarray]:

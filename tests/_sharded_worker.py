@@ -42,16 +42,12 @@ StateArrays = dict[str, np.ndarray]
 
 
 def make_optimizer() -> optax.GradientTransformation:
-    return optax.chain(
-        oac.adaptive_clip(window=WINDOW, num_std=NUM_STD), optax.adam(LEARNING_RATE)
-    )
+    return optax.chain(oac.adaptive_clip(window=WINDOW, num_std=NUM_STD), optax.adam(LEARNING_RATE))
 
 
 def initial_params() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
-    return {
-        name: rng.normal(size=shape).astype(np.float32) for name, shape in LEAF_SHAPES.items()
-    }
+    return {name: rng.normal(size=shape).astype(np.float32) for name, shape in LEAF_SHAPES.items()}
 
 
 def microbatch_gradients(step: int) -> dict[str, np.ndarray]:
@@ -73,9 +69,7 @@ def summed(microbatches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: value.sum(axis=0, dtype=np.float32) for name, value in microbatches.items()}
 
 
-def apply_step(
-    params: PyTree, opt_state: Any, grads: PyTree
-) -> tuple[PyTree, Any, PyTree]:
+def apply_step(params: PyTree, opt_state: Any, grads: PyTree) -> tuple[PyTree, Any, PyTree]:
     updates, opt_state = make_optimizer().update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, updates
 
@@ -120,10 +114,12 @@ def run(
         clipped.append(np.asarray(state.last_clipped))
         updates_by_step.append(flatten(updates))
         # Every field of the clip state is small and must sit whole on every device.
-        replicated.append(all(
-            leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == mesh_devices
-            for leaf in jax.tree.leaves(state)
-        ))
+        replicated.append(
+            all(
+                leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == mesh_devices
+                for leaf in jax.tree.leaves(state)
+            )
+        )
     return {
         "norm": np.stack(norms),
         "threshold": np.stack(thresholds),
@@ -194,8 +190,11 @@ def main(output_path: str) -> None:
 
     np.savez(
         output_path,
-        **{f"{run_name}/{key}": value for run_name, arrays in results.items()
-           for key, value in arrays.items()},
+        **{
+            f"{run_name}/{key}": value
+            for run_name, arrays in results.items()
+            for key, value in arrays.items()
+        },
     )
 
 

@@ -111,9 +111,16 @@ def test_clippers_inside_shard_map_match_the_same_updates_outside(tmp_path: Path
     with np.load(output) as saved:
         for name in worker.make_clippers():
             for use in ("local", "data_parallel"):
-                run = {key: saved[f"{name}/{use}/{key}"] for key in
-                       ("events", "inside_updates", "outside_updates",
-                        "inside_states", "outside_states")}
+                run = {
+                    key: saved[f"{name}/{use}/{key}"]
+                    for key in (
+                        "events",
+                        "inside_updates",
+                        "outside_updates",
+                        "inside_states",
+                        "outside_states",
+                    )
+                }
                 label = f"{name} ({use})"
                 assert 0 < run["events"].sum() < worker.NUM_STEPS * run["events"].size, label
                 for key in ("updates", "states"):
@@ -123,11 +130,15 @@ def test_clippers_inside_shard_map_match_the_same_updates_outside(tmp_path: Path
                         )
                     else:  # psum and sum may add the contributions in different orders
                         np.testing.assert_allclose(
-                            run[f"inside_{key}"], run[f"outside_{key}"],
-                            rtol=RTOL, atol=ATOL, err_msg=f"{label}: {key}",
+                            run[f"inside_{key}"],
+                            run[f"outside_{key}"],
+                            rtol=RTOL,
+                            atol=ATOL,
+                            err_msg=f"{label}: {key}",
                         )
             np.testing.assert_array_equal(
-                saved[f"{name}/local/inside_norms"], saved[f"{name}/local/outside_norms"],
+                saved[f"{name}/local/inside_norms"],
+                saved[f"{name}/local/outside_norms"],
                 err_msg=f"{name}: global_norm",
             )
             assert saved[f"{name}/data_parallel/replicated"], f"{name}: state not replicated"
@@ -164,17 +175,23 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     processes = []
     for process_id, log_path in enumerate(logs):
         with log_path.open("w") as log:
-            processes.append(subprocess.Popen(
-                [sys.executable, str(TESTS_DIR / "_multihost_worker.py"),
-                 str(process_id), str(num_processes), str(port), str(output)],
-                env=subprocess_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            ))
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(TESTS_DIR / "_multihost_worker.py"),
+                        str(process_id),
+                        str(num_processes),
+                        str(port),
+                        str(output),
+                    ],
+                    env=subprocess_env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     try:
-        return_codes = [
-            process.wait(timeout=SUBPROCESS_TIMEOUT_SECONDS) for process in processes
-        ]
+        return_codes = [process.wait(timeout=SUBPROCESS_TIMEOUT_SECONDS) for process in processes]
     except subprocess.TimeoutExpired:
         return_codes = None
     finally:

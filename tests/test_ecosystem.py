@@ -18,9 +18,7 @@ FACTORIES = {
     "adaptive_clip": functools.partial(oac.adaptive_clip, window=4),
     "autoclip": functools.partial(oac.autoclip, window=8),
     "zclip": functools.partial(oac.zclip, warmup_steps=3),
-    "skip_on_spike": functools.partial(
-        oac.skip_on_spike, optax.sgd(0.1), window=4, num_std=2.0
-    ),
+    "skip_on_spike": functools.partial(oac.skip_on_spike, optax.sgd(0.1), window=4, num_std=2.0),
 }
 
 
@@ -82,9 +80,7 @@ def test_scan_matches_python_loop(name):
 
 
 def test_inject_hyperparams_changes_num_std_during_training():
-    tx = optax.inject_hyperparams(oac.adaptive_clip, static_args=("window",))(
-        window=4, num_std=1.0
-    )
+    tx = optax.inject_hyperparams(oac.adaptive_clip, static_args=("window",))(window=4, num_std=1.0)
     update = jax.jit(tx.update)
     state = tx.init(jnp.zeros(3))
     for norm in [1.0, 2.0, 3.0, 4.0]:
@@ -147,9 +143,7 @@ def test_multi_transform_keeps_separate_histories():
         {"encoder": jnp.array([50.0, 0.0]), "decoder": jnp.array([0.0, 50.0])}, state
     )
     stats = jax.jit(oac.clip_stats)(state)
-    assert {"encoder/norm", "decoder/norm", "encoder/clip_count", "decoder/threshold"} <= set(
-        stats
-    )
+    assert {"encoder/norm", "decoder/norm", "encoder/clip_count", "decoder/threshold"} <= set(stats)
     # The encoder's history (1, 3) clips; the decoder's (0, 0) clips to 0.
     np.testing.assert_allclose(float(stats["encoder/threshold"]), 2.0 + np.sqrt(2.0), rtol=1e-6)
     np.testing.assert_allclose(float(stats["decoder/threshold"]), 0.0)

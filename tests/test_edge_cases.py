@@ -163,8 +163,13 @@ def test_single_clipper_under_multi_transform_carries_its_label():
         {"enc": oac.adaptive_clip(window=2), "dec": optax.sgd(0.1)}, {"enc": "enc", "dec": "dec"}
     )
     assert set(oac.clip_stats(tx.init(params))) == {
-        "enc/norm", "enc/threshold", "enc/clipped", "enc/clip_count", "enc/clip_fraction",
-        "enc/nonfinite_count", "enc/history_size",
+        "enc/norm",
+        "enc/threshold",
+        "enc/clipped",
+        "enc/clip_count",
+        "enc/clip_fraction",
+        "enc/nonfinite_count",
+        "enc/history_size",
     }
 
 

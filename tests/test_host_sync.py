@@ -32,14 +32,10 @@ OptimizerFactory = Callable[[], optax.GradientTransformation]
 
 # Small windows and warm-ups so that the statistics are in use long before step 200.
 OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "adaptive_clip": lambda: optax.chain(
-        oac.adaptive_clip(window=16), optax.adam(LEARNING_RATE)
-    ),
+    "adaptive_clip": lambda: optax.chain(oac.adaptive_clip(window=16), optax.adam(LEARNING_RATE)),
     "autoclip": lambda: optax.chain(oac.autoclip(window=16), optax.adam(LEARNING_RATE)),
     "zclip": lambda: optax.chain(oac.zclip(warmup_steps=10), optax.adam(LEARNING_RATE)),
-    "skip_on_spike": lambda: oac.skip_on_spike(
-        optax.adam(LEARNING_RATE), window=16, num_std=3.0
-    ),
+    "skip_on_spike": lambda: oac.skip_on_spike(optax.adam(LEARNING_RATE), window=16, num_std=3.0),
 }
 
 
@@ -157,9 +153,7 @@ def _primitives_in_parameter(parameter: Any) -> Iterator[str]:
 def host_interacting_primitives(function: Callable[..., Any], *args: Any) -> set[str]:
     closed = jax.make_jaxpr(function)(*args)
     return {
-        name
-        for name in iter_primitive_names(closed.jaxpr)
-        if "callback" in name or "debug" in name
+        name for name in iter_primitive_names(closed.jaxpr) if "callback" in name or "debug" in name
     }
 
 
