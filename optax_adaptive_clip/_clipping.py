@@ -95,7 +95,10 @@ def record_norm(
     # fmin/fmax ignore a NaN threshold (from an injected NaN hyperparameter), which
     # must not enter the history.
     if record == "clipped":
-        recorded = jnp.fmin(norm, threshold)
+        # A threshold of 0 comes from a history of zero norms (a module frozen for the
+        # first steps); recording min(norm, 0) would keep it at 0 and zero every later
+        # update, so the norm is recorded as it came.
+        recorded = jnp.where(threshold > 0, jnp.fmin(norm, threshold), norm)
     else:
         # Exactly `norm`, but made to depend on the threshold: the write is then
         # ordered after the statistics have read the history, and XLA updates a
@@ -264,7 +267,10 @@ def adaptive_clip(
         clipping during warmup.
       max_norm: optional absolute cap on the threshold, always applied.
       record: ``"raw"`` records the norm before clipping; ``"clipped"`` records
-        ``min(norm, threshold)``, so that spikes do not inflate the statistics.
+        ``min(norm, threshold)``, so that spikes do not inflate the statistics
+        (but the norm itself while the threshold is 0, from a history of zero
+        norms). The threshold then follows a lasting rise of the norm only
+        through the ``num_std * std`` headroom: slowly at ``num_std=1``.
       nonfinite: ``"impute"`` replaces NaN by 0 and +-inf by +-1e6 (capped to
         the dtype's range) before anything else; ``"zero"`` returns zeros for an
         update with any NaN or inf and leaves the history untouched;

@@ -60,7 +60,8 @@ def skip_on_spike(
     With the default ``record="clipped"`` a skipped norm is recorded as the
     threshold itself: a lasting rise of the norm then lifts the threshold step
     by step rather than being skipped forever, while a lone spike barely moves
-    the statistics. ``record="raw"`` records the norm as it came.
+    the statistics. ``record="raw"`` records the norm as it came, and so does
+    ``"clipped"`` while the threshold is 0 (from a history of zero norms).
 
     Args:
       inner: the transformation to protect, e.g. ``optax.adam(1e-3)``.

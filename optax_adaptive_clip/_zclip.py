@@ -63,6 +63,9 @@ def zclip(
     * the averages are then updated with the norm ZClip applied,
       ``min(g, clip value)``, so that a spike cannot inflate them; with
       ``skip_update_on_spike`` they are left untouched on a spike instead.
+      Averages without spread (warmup norms all equal, as when a module's
+      gradient is 0 for the first steps) take the norm as it came, so that they
+      can start to move.
 
     The ``max_norm`` cap is a safety net outside the rule: it clips, but the
     averages see the rule's own clip value, as in the authors' implementation.
@@ -153,15 +156,20 @@ def zclip(
         n = (state.count + 1).astype(jnp.float32)
         warm_mean = state.mean + (norm - state.mean) / n
         warm_var = state.var + ((norm - state.mean) * (norm - warm_mean) - state.var) / n
-        # After warmup: moving averages of the norm the rule applied.
-        applied = jnp.where(spike, jnp.minimum(norm, clip_value), norm)
+        # After warmup: moving averages of the norm the rule applied. Averages without
+        # spread (warmup norms all equal, typically all 0 while a module was frozen)
+        # cannot tell a spike from a shift, and folding their own mean back in would keep
+        # them so for good: they take the norm as it came.
+        has_spread = state.var > 0
+        held_back = spike & has_spread
+        applied = jnp.where(held_back, jnp.minimum(norm, clip_value), norm)
         ema_mean = alpha * state.mean + (1.0 - alpha) * applied
         ema_var = alpha * state.var + (1.0 - alpha) * jnp.square(applied - ema_mean)
         # Saturating keeps huge norms from turning the statistics into inf, then NaN.
         new_mean = jnp.where(warmed_up, ema_mean, warm_mean).astype(jnp.float32)
         new_var = jnp.minimum(jnp.where(warmed_up, ema_var, warm_var), _norms.FLOAT32_MAX)
 
-        folds = recordable & ~spike if skip_update_on_spike else recordable
+        folds = recordable & ~held_back if skip_update_on_spike else recordable
         clip_count, nonfinite_count = _clipping.count_events(
             state.clip_count, state.nonfinite_count, clipped, has_nonfinite
         )

@@ -198,3 +198,72 @@ def test_clipping_is_exact_across_float32_range(norm_ord, magnitude):
     np.testing.assert_allclose(
         np.asarray(out, np.float64), np.asarray(grad, np.float64) * cap / expected_norm, rtol=1e-5
     )
+
+
+def _update_norms(tx, grads):
+    """Global norms of the updates ``tx`` returns for ``grads``, one step each."""
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(2))
+    norms = []
+    for grad in grads:
+        out, state = update(jnp.asarray(grad, jnp.float32), state)
+        assert_no_nan(state)
+        norms.append(float(jnp.linalg.norm(out)))
+    return np.array(norms)
+
+
+def _noisy_norms(scale, num_steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[scale * (1.0 + 0.1 * rng.standard_normal()), 0.0] for _ in range(num_steps)]
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: oac.adaptive_clip(min_history=4, num_std=2.0, record="clipped"),
+        lambda: oac.skip_on_spike(optax.sgd(1.0), window=4),
+        lambda: oac.zclip(),
+    ],
+    ids=["adaptive_clip-clipped", "skip_on_spike", "zclip"],
+)
+def test_clippers_that_record_their_clip_recover_from_a_history_of_zero_norms(make_tx):
+    # A module whose gradient is 0 for its first steps (frozen, or a LoRA factor
+    # next to a zero one) gives a threshold of 0; recording min(norm, 0) would hold
+    # it there and zero every later update.
+    norms = _update_norms(make_tx(), [[0.0, 0.0]] * 30 + _noisy_norms(5.0, 200))
+    assert norms[-50:].mean() > 4.5
+
+
+def test_clipped_record_keeps_taking_norms_after_a_history_of_zero_norms():
+    tx = oac.adaptive_clip(window=8, min_history=4, record="clipped")
+    state = tx.init(jnp.zeros(2))
+    for _ in range(4):
+        _, state = tx.update(jnp.zeros(2), state)
+    out, state = tx.update(jnp.array([3.0, 4.0]), state)
+    # Clipped to the zero threshold once, but recorded as it came.
+    assert float(state.threshold) == 0.0
+    np.testing.assert_array_equal(np.asarray(out), [0.0, 0.0])
+    assert float(state.norms[4]) == 5.0
+    out, state = tx.update(jnp.array([3.0, 4.0]), state)
+    assert float(state.threshold) > 0.0 and float(jnp.linalg.norm(out)) > 0.0
+
+
+def test_clipped_record_follows_a_lasting_rise_through_the_std_headroom():
+    # As documented: at num_std=1 the threshold barely follows a tenfold rise,
+    # at num_std=2 it reaches the new level.
+    grads = _noisy_norms(1.0, 100) + _noisy_norms(10.0, 400, seed=1)
+    slow = _update_norms(oac.adaptive_clip(min_history=4, record="clipped"), grads)
+    fast = _update_norms(oac.adaptive_clip(min_history=4, num_std=2.0, record="clipped"), grads)
+    assert slow[-100:].mean() < 2.0
+    assert fast[-100:].mean() > 9.0
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"clip_option": "mean"}, {"skip_update_on_spike": True}], ids=str
+)
+def test_zclip_treats_a_sudden_lasting_rise_as_spikes(options):
+    # As documented: the rule clips a norm ten times its mean towards the mean, and
+    # its averages only see what it applied.
+    grads = _noisy_norms(1.0, 100) + _noisy_norms(10.0, 400, seed=1)
+    norms = _update_norms(oac.zclip(**options), grads)
+    assert norms[-100:].max() < 1.1
