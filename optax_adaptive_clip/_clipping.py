@@ -69,13 +69,18 @@ def warmup_threshold(warmup_max_norm: Any) -> jax.Array:
 
 
 def cap_threshold(threshold: jax.Array, max_norm: Any) -> jax.Array:
-    """Applies the optional absolute cap ``max_norm``; the result is float32.
+    """Applies the optional absolute cap ``max_norm``; the result is float32 and >= 0.
 
     The cast keeps the state's dtype fixed when hyperparameters come as float64
     (numpy scalars, or ``inject_hyperparams`` under x64).
+
+    Injected hyperparameters reach here unchecked (see ``_checks``), so whatever
+    they are, a NaN cap is no cap, a NaN threshold is none (inf), and a negative
+    one is 0: an update is never reversed and the state never holds NaN.
     """
     if max_norm is not None:
-        threshold = jnp.minimum(threshold, max_norm)
+        threshold = jnp.fmin(threshold, max_norm)
+    threshold = jnp.where(jnp.isnan(threshold), jnp.inf, jnp.maximum(threshold, 0.0))
     return threshold.astype(jnp.float32)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_adaptive_clip import _norms
+from optax_adaptive_clip import _checks, _norms
 
 
 def num_valid(norm_history: jax.Array, count: jax.Array) -> jax.Array:
@@ -86,6 +86,9 @@ def mean_std(norm_history: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.
 def percentile(norm_history: jax.Array, count: jax.Array, q: Any) -> jax.Array:
     """The ``q``-th percentile of the valid norms, interpolated as ``numpy.percentile``.
 
+    ``q`` must lie in [0, 100]. A traced ``q`` (an injected hyperparameter)
+    cannot be checked: it is clipped into that range, and a NaN ``q`` gives NaN.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from optax_adaptive_clip import history_percentile
@@ -93,14 +96,19 @@ def percentile(norm_history: jax.Array, count: jax.Array, q: Any) -> jax.Array:
       >>> history_percentile(norms, jnp.array(4), 50.0)
       Array(2.5, dtype=float32)
     """
+    _checks.check_real("q", q, low=0.0, high=100.0)
+    q = jnp.asarray(q, jnp.float32)
     valid = jnp.arange(norm_history.shape[0]) < count
     # Invalid slots sort to the end, so the first `n` sorted values are the valid norms.
     ordered = jnp.sort(jnp.where(valid, norm_history, jnp.inf))
     n = num_valid(norm_history, count)
-    position = jnp.asarray(q, jnp.float32) / 100.0 * jnp.maximum(n - 1, 0).astype(jnp.float32)
+    # A NaN q is kept out of the index arithmetic and returned as NaN at the end.
+    clipped_q = jnp.where(jnp.isnan(q), 0.0, jnp.clip(q, 0.0, 100.0))
+    position = clipped_q / 100.0 * jnp.maximum(n - 1, 0).astype(jnp.float32)
     below = jnp.floor(position).astype(jnp.int32)
     above = jnp.minimum(below + 1, jnp.maximum(n - 1, 0))
     fraction = position - below.astype(jnp.float32)
     low_value, high_value = ordered[below], ordered[above]
     # Written so that equal neighbours return exactly that value.
-    return jnp.where(fraction > 0, low_value + fraction * (high_value - low_value), low_value)
+    value = jnp.where(fraction > 0, low_value + fraction * (high_value - low_value), low_value)
+    return jnp.where(jnp.isnan(q), jnp.nan, value)

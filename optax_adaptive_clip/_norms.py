@@ -378,7 +378,9 @@ def norm_parts(updates: Any, norm_ord: Any = 2) -> NormParts:
     """
     if not _checks.is_traced(norm_ord):
         return _static_norm_parts(updates, _kind_of(norm_ord), norm_ord)
+    # Unchecked when injected (see _checks): a p below 1, or NaN, counts as 1.
     p = jnp.asarray(norm_ord, jnp.float32)
+    p = jnp.where(p >= 1.0, p, 1.0)
     branch = jnp.select([p == 1.0, p == 2.0, jnp.isinf(p)], [0, 1, 2], default=3)
     return jax.lax.switch(
         branch,
@@ -393,7 +395,8 @@ def global_norm(updates: Any, norm_ord: Any = 2) -> tuple[jax.Array, jax.Array]:
     Args:
       updates: a pytree of arrays (``None`` leaves and empty trees allowed).
       norm_ord: p of the norm: any p >= 1 or ``float("inf")``. May be a traced
-        scalar (as under ``optax.inject_hyperparams``).
+        scalar (as under ``optax.inject_hyperparams``), which cannot be checked:
+        a traced p below 1, or NaN, counts as 1.
 
     Returns:
       ``(norm, has_nonfinite)``: a float32 scalar computed over the updates with
@@ -408,6 +411,7 @@ def global_norm(updates: Any, norm_ord: Any = 2) -> tuple[jax.Array, jax.Array]:
       >>> global_norm([jnp.array([jnp.nan, 2.0])], norm_ord=1)
       (Array(2., dtype=float32), Array(True, dtype=bool))
     """
+    _checks.check_norm_ord(norm_ord)
     parts = norm_parts(updates, norm_ord)
     return parts.norm, parts.has_nonfinite
 

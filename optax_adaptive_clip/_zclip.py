@@ -167,7 +167,12 @@ def zclip(
         ema_var = alpha * state.var + (1.0 - alpha) * jnp.square(applied - ema_mean)
         # Saturating keeps huge norms from turning the statistics into inf, then NaN.
         new_mean = jnp.where(warmed_up, ema_mean, warm_mean).astype(jnp.float32)
-        new_var = jnp.minimum(jnp.where(warmed_up, ema_var, warm_var), _norms.FLOAT32_MAX)
+        new_var = jnp.clip(jnp.where(warmed_up, ema_var, warm_var), 0.0, _norms.FLOAT32_MAX)
+        # Injected hyperparameters are unchecked (see _checks); with a NaN or
+        # out-of-range alpha, eps or z_thresh the averages keep their values
+        # rather than turn NaN.
+        new_mean = jnp.where(jnp.isnan(new_mean), state.mean, new_mean)
+        new_var = jnp.where(jnp.isnan(new_var), state.var, new_var)
 
         folds = recordable & ~held_back if skip_update_on_spike else recordable
         clip_count, nonfinite_count = _clipping.count_events(

@@ -92,8 +92,10 @@ def test_recorded_norm_is_exact_whatever_the_threshold(record, threshold):
             state, jnp.float32(norm), jnp.float32(threshold), record=record, recordable=True
         )
         recorded = np.asarray(history.norms)[0]
-        # A NaN threshold (an injected NaN hyperparameter) never enters the history.
-        expected = norm if record == "raw" or np.isnan(threshold) else min(norm, threshold)
+        # A NaN threshold (an injected NaN hyperparameter) never enters the history,
+        # nor does a threshold of 0 (from a history of zero norms).
+        takes_norm = record == "raw" or np.isnan(threshold) or threshold == 0.0
+        expected = norm if takes_norm else min(norm, threshold)
         assert recorded == np.float32(expected), (norm, recorded)
 
 

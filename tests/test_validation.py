@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
@@ -38,6 +40,13 @@ BAD_ARGUMENTS = [
     (oac.zclip, {"warmup_steps": 0}, "`warmup_steps` must be an integer >= 1"),
     (oac.zclip, {"clip_option": "median"}, "`clip_option` must be one of"),
     (oac.zclip, {"eps": 0.0}, "`eps` must be in \\(0.0"),
+    # Numeric strings (as argparse or a YAML config leave them) are not numbers.
+    (oac.adaptive_clip, {"num_std": "1"}, "`num_std` must be a real number, not a string"),
+    (oac.adaptive_clip, {"max_norm": "1"}, "`max_norm` must be a real number, not a string"),
+    (oac.adaptive_clip, {"norm_ord": "2"}, "`norm_ord` must be a real number, not a string"),
+    (oac.adaptive_clip, {"window": "8"}, "`window` must be a real number, not a string"),
+    (oac.autoclip, {"percentile": "50"}, "`percentile` must be a real number, not a string"),
+    (oac.zclip, {"alpha": "0.5"}, "`alpha` must be a real number, not a string"),
 ]
 
 
@@ -71,3 +80,25 @@ def test_good_edge_values_are_accepted():
     oac.autoclip(percentile=100.0, min_history=None)
     oac.zclip(alpha=0.5, warmup_steps=1, clip_option="mean", max_norm=1.0)
     oac.adaptive_clip(max_norm=math.inf, warmup_max_norm=math.inf)  # inf: no limit
+
+
+@pytest.mark.parametrize("norm_ord", [0.5, 0, -1.0, math.nan, "2"])
+def test_global_norm_rejects_a_norm_ord_that_is_not_a_norm(norm_ord):
+    with pytest.raises(ValueError, match="`norm_ord` must be"):
+        oac.global_norm([jnp.array([3.0, 4.0])], norm_ord=norm_ord)
+
+
+@pytest.mark.parametrize("q", [-10.0, 150.0, math.nan])
+def test_history_percentile_rejects_q_outside_0_to_100(q):
+    with pytest.raises(ValueError, match=r"`q` must be in \[0.0, 100.0\]"):
+        oac.history_percentile(jnp.array([1.0, 2.0]), jnp.array(2), q)
+
+
+def test_traced_arguments_that_cannot_be_checked_are_clamped():
+    norms, count = jnp.array([1.0, 2.0, 3.0]), jnp.array(3)
+    percentile = jax.jit(oac.history_percentile)
+    assert float(percentile(norms, count, 150.0)) == 3.0
+    assert float(percentile(norms, count, -10.0)) == 1.0
+    assert math.isnan(float(percentile(norms, count, math.nan)))
+    norm = jax.jit(lambda p: oac.global_norm([jnp.array([3.0, 4.0])], norm_ord=p)[0])
+    assert float(norm(0.5)) == float(norm(math.nan)) == 7.0  # counted as 1
