@@ -175,6 +175,31 @@ def test_flags_override_smoke_which_overrides_defaults():
         config_lib.parse_config(["--clip", "sometimes"])
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "ten"])
+def test_stop_at_below_one_is_rejected_by_the_parser(value, capsys):
+    # --stop-at 0 used to train nothing and then crash drawing a figure with zero panels.
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(["--smoke", "--stop-at", value])
+    assert "argument --stop-at: must be an integer >= 1" in capsys.readouterr().err
+    assert config_lib.parse_config(["--stop-at", "1"]).stop_at == 1
+
+
+def test_compare_table_shows_null_metrics_as_not_available():
+    from examples.seq2seq import main
+
+    summary = {
+        "final_loss": None,  # a diverged run: its last losses were not finite
+        "final_token_accuracy": 0.25,
+        "final_exact_match": 0.0,
+        "clip_steps": 0,
+        "clip_fraction": 0.0,
+        "step_time_ms": None,
+        "wall_time_s": 1.0,
+    }
+    table = main.compare_table({"none": summary})
+    assert "| none | n/a | 0.2500 | 0.0000 | 0 (0.0%) | n/a | 1.0 |" in table
+
+
 # --- training runs -----------------------------------------------------------------------------
 
 
@@ -262,3 +287,54 @@ def test_compare_draws_modes_together(tmp_path):
         assert (tmp_path / name).stat().st_size > 1_000
     assert summaries["global"]["last_clip_stats"]["threshold"] == 1.0
     assert (tmp_path / "none" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_reports_it_again(tmp_path):
+    """--resume when the newest checkpoint is the last step: no step runs, nothing is logged
+    twice, and the summary has the finished run's metrics (it used to crash on a null loss)."""
+    from examples.seq2seq import main
+
+    out, checkpoints = tmp_path / "run", tmp_path / "checkpoints"
+    args = ["--smoke", "--quiet", "--num-steps", "20", "--eval-every", "10", "--log-every", "5"]
+    args += ["--checkpoint-every", "10", "--out", str(out), "--checkpoint-dir", str(checkpoints)]
+    finished = main.main(args)
+    logs = {name: (out / name).read_text() for name in ("metrics.jsonl", "eval.jsonl")}
+    for _ in range(2):  # each try used to append another row for the last step to eval.jsonl
+        resumed = main.main([*args, "--resume"])
+        for name, text in logs.items():
+            assert (out / name).read_text() == text, name
+    assert resumed["final_loss"] is not None
+    for key in ("steps", "final_loss", "final_token_accuracy", "final_exact_match"):
+        assert resumed[key] == finished[key], key
+    for key in ("clip_steps", "last_clip_stats", "params_sha256"):
+        assert resumed[key] == finished[key], key
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == finished["final_loss"]
+
+
+@pytest.mark.slow
+def test_stop_between_evaluations_evaluates_the_last_step(tmp_path):
+    """--stop-at after an evaluation: the final accuracy is measured at the step the run
+    stopped at (it used to be the earlier evaluation's)."""
+    from examples.seq2seq import main
+
+    args = ["--smoke", "--quiet", "--num-steps", "30", "--eval-every", "10", "--stop-at", "15"]
+    summary = main.main([*args, "--out", str(tmp_path)])
+    evals = read_jsonl(tmp_path / "eval.jsonl")
+    assert summary["steps"] == 15
+    assert [row["step"] for row in evals] == [10, 15]
+    assert summary["final_token_accuracy"] == evals[-1]["token_accuracy"]
+    assert summary["final_exact_match"] == evals[-1]["exact_match"]
+
+
+@pytest.mark.slow
+def test_diverged_run_finishes_with_a_null_loss(tmp_path, capsys):
+    """A learning rate of 1e30 makes the loss non-finite (logged as null) within a few steps;
+    the progress bar and the printed summary used to crash formatting the null."""
+    from examples.seq2seq import main
+
+    args = ["--smoke", "--num-steps", "10", "--clip", "none", "--learning-rate", "1e30"]
+    summary = main.main([*args, "--out", str(tmp_path)])
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["loss"] is None
+    assert summary["final_loss"] is None
+    assert "loss n/a" in capsys.readouterr().out

@@ -96,7 +96,7 @@ class Config:
     checkpoint_every: int = 200
     # Continue from the newest checkpoint in --checkpoint-dir.
     resume: bool = False
-    # Stop after this step as if interrupted (to exercise --resume); unset: run to the end.
+    # Stop after this step (at least 1) as if interrupted, to exercise --resume; unset: run on.
     stop_at: int | None = None
     # Comma-separated clip modes to train one after another and draw together.
     compare: str | None = None
@@ -137,6 +137,17 @@ def _flag_type(annotation: object) -> tuple[type, bool]:
     return annotation, False  # type: ignore[return-value]
 
 
+def positive_step(text: str) -> int:
+    """A step count of at least 1: ``--stop-at 0`` would train nothing and draw empty figures."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per :class:`Config` field; unset flags stay absent."""
     parser = argparse.ArgumentParser(
@@ -154,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=CLIP_MODES, help=help_text)
         elif field.name == "cell":
             parser.add_argument(flag, choices=("gru", "rnn"), help=help_text)
+        elif field.name == "stop_at":
+            parser.add_argument(flag, type=positive_step, help=help_text)
         else:
             parser.add_argument(flag, type=value_type, help=help_text)
     return parser

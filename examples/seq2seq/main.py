@@ -29,8 +29,9 @@ def run_one(config: Config, dataset: data_lib.Dataset, started: float) -> dict:
     """Train one configuration and draw its figures into its output directory."""
     summary = train.train_and_evaluate(config, dataset, started)
     plots.plot_runs({config.clip: config.out}, config.out)
+    loss = train.format_number(summary["final_loss"], ".4f")  # "n/a" if null (diverged)
     print(
-        f"[{config.clip}] steps {summary['steps']}, loss {summary['final_loss']:.4f}, "
+        f"[{config.clip}] steps {summary['steps']}, loss {loss}, "
         f"token accuracy {summary['final_token_accuracy']:.4f}, "
         f"exact match {summary['final_exact_match']:.4f}, "
         f"clipped steps {summary['clip_steps']} ({100 * summary['clip_fraction']:.1f}%), "
@@ -47,9 +48,10 @@ def compare_table(summaries: dict[str, dict]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode, s in summaries.items():
-        step_ms = "n/a" if s["step_time_ms"] is None else f"{s['step_time_ms']:.1f}"
+        loss = train.format_number(s["final_loss"], ".4f")
+        step_ms = train.format_number(s["step_time_ms"], ".1f")
         lines.append(
-            f"| {mode} | {s['final_loss']:.4f} | {s['final_token_accuracy']:.4f} | "
+            f"| {mode} | {loss} | {s['final_token_accuracy']:.4f} | "
             f"{s['final_exact_match']:.4f} | {s['clip_steps']} "
             f"({100 * s['clip_fraction']:.1f}%) | {step_ms} | {s['wall_time_s']:.1f} |"
         )

@@ -253,10 +253,28 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
-    """Drop rows a resumed run will write again (logged after the checkpoint it resumes)."""
+def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> list[dict]:
+    """Drop rows a resumed run will write again (logged after the checkpoint it resumes).
+
+    Returns the rows kept: the history the resumed run continues from.
+    """
     rows = [row for row in read_jsonl(path) if keep(row)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+def format_number(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``, or "n/a" for a null metric: a non-finite loss or norm
+    (a diverged run), or a number a run could not measure."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def final_loss(losses: list[float | None]) -> float | None:
+    """Mean of the last logged losses; None (JSON null) if there are none or one is not finite
+    (a non-finite loss is logged as null)."""
+    if not losses or any(loss is None for loss in losses):
+        return None
+    return float(np.mean(losses))
 
 
 def any_clipped(row: dict) -> bool:
@@ -322,6 +340,9 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
 
     metrics_path, eval_path = out_dir / "metrics.jsonl", out_dir / "eval.jsonl"
     start_step, clip_steps = 0, 0
+    kept_rows: list[dict] = []  # metrics rows of the steps before a resumed checkpoint
+    eval_metrics: dict[str, float] = {}
+    eval_step = None  # the step eval_metrics were measured at
     manager = make_checkpoint_manager(config)
     restored = None
     if manager is not None and config.resume:
@@ -330,8 +351,11 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
         state, meta = restored
         params, opt_state = state["params"], state["opt_state"]
         start_step, clip_steps = int(meta["step"]), int(meta["clip_steps"])
-        truncate_jsonl(metrics_path, lambda row: row["step"] < start_step)
-        truncate_jsonl(eval_path, lambda row: row["step"] <= start_step)
+        kept_rows = truncate_jsonl(metrics_path, lambda row: row["step"] < start_step)
+        kept_evals = truncate_jsonl(eval_path, lambda row: row["step"] <= start_step)
+        if kept_evals:  # a run resumed at its end evaluates nothing new: report the last one
+            eval_metrics = dict(kept_evals[-1])
+            eval_step = eval_metrics.pop("step")
         tqdm.write(f"resumed from step {start_step} of {config.checkpoint_dir}")
     else:
         metrics_path.write_text("")
@@ -339,9 +363,11 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
 
     end_step = config.num_steps if config.stop_at is None else min(config.stop_at, config.num_steps)
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet copied to the host
-    last_row: dict = {}
-    recent_losses: list[float] = []
-    eval_metrics: dict[str, float] = {}
+    # Continue the final-loss window and clip statistics from the rows already logged, so a
+    # resumed run (even one resumed at its end, which runs no step) reports what an unbroken
+    # run would.
+    last_row: dict = kept_rows[-1] if kept_rows else {}
+    recent_losses: list[float | None] = [row["loss"] for row in kept_rows[-config.log_every :]]
     timed_steps, timed_seconds, eval_seconds = 0, 0.0, 0.0
     window_start, first_window = time.perf_counter(), True
     progress = tqdm(
@@ -372,17 +398,20 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
         last_row = row
         progress.update(len(pending))
         progress.set_postfix(
-            loss=f"{row['loss']:.3f}", gnorm=f"{row['grad_norm']:.2f}", clips=clip_steps
+            loss=format_number(row["loss"], ".3f"),
+            gnorm=format_number(row["grad_norm"], ".2f"),
+            clips=clip_steps,
         )
         pending = []
         window_start = time.perf_counter()
 
     def run_eval(completed: int) -> None:
-        nonlocal eval_metrics, eval_seconds, window_start
+        nonlocal eval_metrics, eval_step, eval_seconds, window_start
         began = time.perf_counter()
         eval_metrics, samples = evaluate(
             programs, params, dataset, eval_batch_size, config.num_samples
         )
+        eval_step = completed
         with eval_path.open("a") as sink:
             sink.write(json.dumps({"step": completed, **eval_metrics}) + "\n")
         tqdm.write(
@@ -417,7 +446,9 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
         manager.close()
 
     completed = max(end_step, start_step)
-    if not eval_metrics:  # e.g. stopped early, or resumed after the end
+    # The reported accuracy must be that of the final parameters: evaluate again unless the
+    # last evaluation was at this step (in the loop, or kept from the run resumed at its end).
+    if eval_step != completed:  # e.g. --stop-at between two evaluations
         run_eval(completed)
     wall_time = time.perf_counter() - started
     library_stats = {
@@ -426,7 +457,7 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
     summary = {
         "clip": config.clip,
         "steps": completed,
-        "final_loss": float(np.mean(recent_losses)) if recent_losses else None,
+        "final_loss": final_loss(recent_losses),
         **{f"final_{name}": value for name, value in eval_metrics.items()},
         "clip_steps": clip_steps,
         "clip_fraction": clip_steps / completed if completed else 0.0,
