@@ -2,8 +2,11 @@
 
 Every check runs at construction time. Under ``optax.inject_hyperparams`` the
 factory is called again inside the traced update with hyperparameters that are
-tracers; those cannot be inspected, so the checks skip them (they were checked
-when the same values were first passed to ``init``).
+tracers; those cannot be inspected, so the checks skip them. Values passed to
+the injecting factory are checked when its ``init`` runs outside ``jit``, but
+values written later into the state's ``hyperparams`` never are: the update
+makes out-of-range ones harmless instead (``_clipping.cap_threshold`` and the
+notes where traced values are read).
 """
 
 from __future__ import annotations
