@@ -27,7 +27,7 @@ def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"`{name}` must be a number, not a bool; got {value!r}.")
     # float() would parse "1.0", but the string would reach the traced update as is.
-    if isinstance(value, (str, bytes)):
+    if isinstance(value, str | bytes):
         raise ValueError(f"`{name}` must be a real number, not a string; got {value!r}.")
     try:
         return float(value)

@@ -357,7 +357,10 @@ def autoclip(
         default 1 clips from the first step, as the paper does.
       warmup_max_norm: constant threshold until then; ``None`` for none.
       max_norm: optional absolute cap on the threshold, always applied.
-      record: ``"raw"`` or ``"clipped"``, as in :func:`adaptive_clip`.
+      record: ``"raw"`` (the paper's rule) or ``"clipped"``, as in
+        :func:`adaptive_clip`. With ``"clipped"`` every recorded norm is at most
+        the percentile it was clipped to, so a threshold that once got low (say
+        after a few zero norms) stays low.
       nonfinite: ``"impute"``, ``"zero"`` or ``"propagate"``, as in
         :func:`adaptive_clip`.
 

@@ -267,3 +267,14 @@ def test_zclip_treats_a_sudden_lasting_rise_as_spikes(options):
     grads = _noisy_norms(1.0, 100) + _noisy_norms(10.0, 400, seed=1)
     norms = _update_norms(oac.zclip(**options), grads)
     assert norms[-100:].max() < 1.1
+
+
+def test_autoclip_with_clipped_record_keeps_a_low_threshold_low():
+    # As documented: every recorded norm is at most the percentile it was clipped to,
+    # so after three zero norms the threshold stays far below the norms that follow;
+    # the paper's record="raw" follows them.
+    grads = [[0.0, 0.0]] * 3 + _noisy_norms(5.0, 1500)
+    clipped = _update_norms(oac.autoclip(record="clipped"), grads)
+    raw = _update_norms(oac.autoclip(), grads)
+    assert clipped[-100:].max() < 0.01
+    assert raw[-100:].mean() > 4.0
