@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_adaptive_clip import _checks, _norms
 
@@ -96,7 +97,9 @@ def percentile(norm_history: jax.Array, count: jax.Array, q: Any) -> jax.Array:
       >>> history_percentile(norms, jnp.array(4), 50.0)
       Array(2.5, dtype=float32)
     """
-    _checks.check_real("q", q, low=0.0, high=100.0)
+    if not _checks.is_traced(q):
+        for value in np.ravel(np.asarray(q, dtype=object)):  # q may hold several percentiles
+            _checks.check_real("q", value, low=0.0, high=100.0)
     q = jnp.asarray(q, jnp.float32)
     valid = jnp.arange(norm_history.shape[0]) < count
     # Invalid slots sort to the end, so the first `n` sorted values are the valid norms.

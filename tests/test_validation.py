@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -102,3 +103,11 @@ def test_traced_arguments_that_cannot_be_checked_are_clamped():
     assert math.isnan(float(percentile(norms, count, math.nan)))
     norm = jax.jit(lambda p: oac.global_norm([jnp.array([3.0, 4.0])], norm_ord=p)[0])
     assert float(norm(0.5)) == float(norm(math.nan)) == 7.0  # counted as 1
+
+
+def test_history_percentile_takes_several_percentiles_and_checks_each():
+    norms, count = jnp.array([1.0, 2.0, 3.0, 4.0]), jnp.array(4)
+    values = oac.history_percentile(norms, count, jnp.array([10.0, 50.0]))
+    np.testing.assert_allclose(np.asarray(values), [1.3, 2.5], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"got 150\.0"):
+        oac.history_percentile(norms, count, [10.0, 150.0])
