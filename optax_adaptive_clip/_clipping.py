@@ -97,17 +97,17 @@ def record_norm(
 
     Nothing changes where ``recordable`` is False.
     """
-    # fmin/fmax ignore a NaN threshold (from an injected NaN hyperparameter), which
-    # must not enter the history.
+    # The clippers pass thresholds from cap_threshold, never NaN; a NaN threshold
+    # given to this helper directly does not enter the history either.
     if record == "clipped":
         # A threshold of 0 comes from a history of zero norms (a module frozen for the
         # first steps); recording min(norm, 0) would keep it at 0 and zero every later
-        # update, so the norm is recorded as it came.
-        recorded = jnp.where(threshold > 0, jnp.fmin(norm, threshold), norm)
+        # update, so the norm is recorded as it came (as it is for NaN).
+        recorded = jnp.where(threshold > 0, jnp.minimum(norm, threshold), norm)
     else:
         # Exactly `norm`, but made to depend on the threshold: the write is then
         # ordered after the statistics have read the history, and XLA updates a
-        # donated history in place instead of copying it.
+        # donated history in place instead of copying it. fmin/fmax ignore NaN.
         recorded = jnp.fmin(norm, jnp.fmax(norm, threshold))
     pushed_norms, pushed_index = _history.push(state.norms, state.next_index, recorded)
     return _History(
