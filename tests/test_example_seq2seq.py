@@ -318,13 +318,22 @@ def test_stop_between_evaluations_evaluates_the_last_step(tmp_path):
     stopped at (it used to be the earlier evaluation's)."""
     from examples.seq2seq import main
 
-    args = ["--smoke", "--quiet", "--num-steps", "30", "--eval-every", "10", "--stop-at", "15"]
-    summary = main.main([*args, "--out", str(tmp_path)])
+    args = ["--smoke", "--quiet", "--num-steps", "30", "--eval-every", "10"]
+    args += ["--out", str(tmp_path), "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    summary = main.main([*args, "--stop-at", "15"])
     evals = read_jsonl(tmp_path / "eval.jsonl")
     assert summary["steps"] == 15
     assert [row["step"] for row in evals] == [10, 15]
     assert summary["final_token_accuracy"] == evals[-1]["token_accuracy"]
     assert summary["final_exact_match"] == evals[-1]["exact_match"]
+
+    # Resumed with the same stop: nothing runs, and the evaluation at 15 is reported again.
+    again = main.main([*args, "--stop-at", "15", "--resume"])
+    assert [row["step"] for row in read_jsonl(tmp_path / "eval.jsonl")] == [10, 15]
+    assert again["final_exact_match"] == summary["final_exact_match"]
+    # Resumed to the end: the evaluation made only for the stop goes (it used to stay).
+    main.main([*args, "--resume"])
+    assert [row["step"] for row in read_jsonl(tmp_path / "eval.jsonl")] == [10, 20, 30]
 
 
 @pytest.mark.slow

@@ -343,6 +343,11 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
     kept_rows: list[dict] = []  # metrics rows of the steps before a resumed checkpoint
     eval_metrics: dict[str, float] = {}
     eval_step = None  # the step eval_metrics were measured at
+    end_step = config.num_steps if config.stop_at is None else min(config.stop_at, config.num_steps)
+
+    def is_eval_step(completed: int) -> bool:
+        return completed % config.eval_every == 0 or completed == config.num_steps
+
     manager = make_checkpoint_manager(config)
     restored = None
     if manager is not None and config.resume:
@@ -352,7 +357,14 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
         params, opt_state = state["params"], state["opt_state"]
         start_step, clip_steps = int(meta["step"]), int(meta["clip_steps"])
         kept_rows = truncate_jsonl(metrics_path, lambda row: row["step"] < start_step)
-        kept_evals = truncate_jsonl(eval_path, lambda row: row["step"] <= start_step)
+        # An evaluation made only because a run stopped at this step (--stop-at between two
+        # evaluations) goes, unless this run ends there too: eval.jsonl then ends as an
+        # unbroken run's does.
+        keep_last_eval = is_eval_step(start_step) or start_step >= end_step
+        kept_evals = truncate_jsonl(
+            eval_path,
+            lambda row: row["step"] < start_step or (row["step"] == start_step and keep_last_eval),
+        )
         if kept_evals:  # a run resumed at its end evaluates nothing new: report the last one
             eval_metrics = dict(kept_evals[-1])
             eval_step = eval_metrics.pop("step")
@@ -361,7 +373,6 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
         metrics_path.write_text("")
         eval_path.write_text("")
 
-    end_step = config.num_steps if config.stop_at is None else min(config.stop_at, config.num_steps)
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet copied to the host
     # Continue the final-loss window and clip statistics from the rows already logged, so a
     # resumed run (even one resumed at its end, which runs no step) reports what an unbroken
@@ -431,7 +442,7 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
         pending.append((step, step_metrics))
         completed = step + 1
         is_last = completed == end_step
-        do_eval = completed % config.eval_every == 0 or completed == config.num_steps
+        do_eval = is_eval_step(completed)
         do_save = manager is not None and (completed % config.checkpoint_every == 0 or is_last)
         if is_last or do_eval or do_save or len(pending) >= config.log_every:
             flush()
