@@ -5,8 +5,8 @@ factory is called again inside the traced update with hyperparameters that are
 tracers; those cannot be inspected, so the checks skip them. Values passed to
 the injecting factory are checked when its ``init`` runs outside ``jit``, but
 values written later into the state's ``hyperparams`` never are: the update
-makes out-of-range ones harmless instead (``_clipping.cap_threshold`` and the
-notes where traced values are read).
+makes out-of-range ones harmless instead (``_clipping.cap_threshold``, the
+clamping in :func:`check_int`, and the notes where traced values are read).
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ from collections.abc import Collection
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Counters are int32; a count or step limit beyond it could never be reached.
+INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def is_traced(value: Any) -> bool:
@@ -29,6 +34,12 @@ def _as_float(name: str, value: Any) -> float:
     # float() would parse "1.0", but the string would reach the traced update as is.
     if isinstance(value, str | bytes):
         raise ValueError(f"`{name}` must be a real number, not a string; got {value!r}.")
+    if np.iscomplexobj(value):
+        # optax.inject_hyperparams gives hyperparameters the dtype of complex parameters.
+        raise ValueError(
+            f"`{name}` must be a real number, got {value!r}; with complex parameters, "
+            "pass `hyperparam_dtype=jnp.float32` to `optax.inject_hyperparams`."
+        )
     try:
         return float(value)
     except (TypeError, ValueError) as error:
@@ -42,7 +53,7 @@ def check_static_int(name: str, value: Any, *, minimum: int) -> int:
             f"`{name}` sets the shape of the optimizer state and must be a static Python "
             f"int; with `optax.inject_hyperparams` pass `static_args=({name!r},)`."
         )
-    return check_int(name, value, minimum=minimum)
+    return check_int(name, value, minimum=minimum, maximum=INT32_MAX)
 
 
 def check_real(
@@ -78,6 +89,17 @@ def check_optional_positive(name: str, value: Any) -> None:
         check_real(name, value, low=0.0, low_inclusive=False, allow_inf=True)
 
 
+def check_bool(name: str, value: Any) -> None:
+    """A Python or NumPy bool; a string such as ``"False"`` would read as true."""
+    if is_traced(value):
+        raise ValueError(
+            f"`{name}` must be a static Python bool; with `optax.inject_hyperparams` pass "
+            f"`static_args=({name!r},)`."
+        )
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
 def check_choice(name: str, value: Any, choices: Collection[str]) -> None:
     if value not in choices:
         allowed = ", ".join(repr(choice) for choice in choices)
@@ -90,9 +112,12 @@ def check_norm_ord(value: Any) -> None:
 
 
 def check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> Any:
-    """Returns ``value`` as a Python int in ``[minimum, maximum]``; traced values pass as is."""
+    """Returns ``value`` as a Python int in ``[minimum, maximum]``.
+
+    A traced value cannot be checked and is clamped into that range instead.
+    """
     if is_traced(value):
-        return value
+        return jnp.clip(value, minimum, maximum)
     as_float = _as_float(name, value)
     too_big = maximum is not None and as_float > maximum
     if not as_float.is_integer() or as_float < minimum or too_big:

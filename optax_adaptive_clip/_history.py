@@ -34,7 +34,7 @@ def push(
       (Array([1., 9., 3.], dtype=float32), Array(2, dtype=int32))
     """
     window = norm_history.shape[0]
-    norm_history = norm_history.at[next_index].set(norm.astype(norm_history.dtype))
+    norm_history = norm_history.at[next_index].set(jnp.asarray(norm, norm_history.dtype))
     return norm_history, (next_index + 1) % window
 
 
@@ -89,6 +89,7 @@ def percentile(norm_history: jax.Array, count: jax.Array, q: Any) -> jax.Array:
 
     ``q`` must lie in [0, 100]. A traced ``q`` (an injected hyperparameter)
     cannot be checked: it is clipped into that range, and a NaN ``q`` gives NaN.
+    An empty history (``count == 0``) gives ``inf``: no threshold.
 
     Example:
       >>> import jax.numpy as jnp

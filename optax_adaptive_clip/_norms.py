@@ -10,7 +10,8 @@ block by block, every block first scaled by a power of two.
 Internally a norm is carried as ``mantissa / inv_unit`` where ``inv_unit`` is
 that power of two (1 on the fast path), so that updates whose norm lies beyond
 float32's range can still be scaled exactly to a threshold. Float64 entries
-beyond float32's range count as float32's largest value.
+beyond float32's range count as float32's largest value, and are scaled from it when
+an update is clipped, so that the clipped norm is the threshold.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from optax_adaptive_clip import _checks
 # largest finite value) in "impute" mode, as in the PyTorch prototype.
 _IMPUTED_MAGNITUDE = 1e6
 FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+_FLOAT32_TINY = float(jnp.finfo(jnp.float32).tiny)  # the smallest normal float32
 
 NONFINITE_MODES = ("impute", "zero", "propagate")
 
@@ -113,7 +115,10 @@ def impute_nonfinite(leaf: jax.Array) -> jax.Array:
 
 def _magnitude(leaf: jax.Array) -> jax.Array:
     """Element-wise ``|leaf|`` in float32 (modulus for complex leaves)."""
-    return jnp.abs(leaf).astype(jnp.float32)
+    if jnp.iscomplexobj(leaf):
+        return jnp.abs(leaf).astype(jnp.float32)
+    # Cast first: the absolute value of an integer type's most negative value wraps.
+    return jnp.abs(leaf.astype(jnp.float32))
 
 
 def _power_sum(magnitudes: list[jax.Array], kind: str, p: Any) -> jax.Array:
@@ -376,6 +381,7 @@ def norm_parts(updates: Any, norm_ord: Any = 2) -> NormParts:
     ``norm_ord`` may be a traced scalar (as under ``optax.inject_hyperparams``);
     the matching reduction is then picked with ``lax.switch``.
     """
+    updates = jax.tree.map(jnp.asarray, updates)  # Python scalars count as leaves too
     if not _checks.is_traced(norm_ord):
         return _static_norm_parts(updates, _kind_of(norm_ord), norm_ord)
     # Unchecked when injected (see _checks): a p below 1, or NaN, counts as 1.
@@ -416,6 +422,21 @@ def global_norm(updates: Any, norm_ord: Any = 2) -> tuple[jax.Array, jax.Array]:
     return parts.norm, parts.has_nonfinite
 
 
+def _within_float32_range(leaf: jax.Array) -> jax.Array:
+    """``leaf`` with magnitudes beyond float32's range brought down to its largest value.
+
+    The norm counts such magnitudes (float64 and complex128 leaves) as float32's
+    largest value; scaling the leaf as it counts keeps a clipped update within the
+    threshold. Other leaves are returned as they are.
+    """
+    if not _is_float_leaf(leaf) or float(jnp.finfo(leaf.dtype).max) <= FLOAT32_MAX:
+        return leaf
+    if not jnp.iscomplexobj(leaf):
+        return jnp.clip(leaf, -FLOAT32_MAX, FLOAT32_MAX)
+    magnitude = jnp.abs(leaf)
+    return jnp.where(magnitude > FLOAT32_MAX, leaf * (FLOAT32_MAX / magnitude), leaf)
+
+
 def apply_threshold(
     updates: Any,
     parts: NormParts,
@@ -432,13 +453,21 @@ def apply_threshold(
       ``(new_updates, clipped)``, ``clipped`` a bool scalar. Leaves keep their
       dtype; leaves that are not scaled come back bit-identical.
     """
+    updates = jax.tree.map(jnp.asarray, updates)
     clipped = parts.mantissa > threshold * parts.inv_unit
     if nonfinite != "impute":
         clipped &= ~parts.has_nonfinite
     # threshold / norm as (threshold / mantissa) * inv_unit, applied in two exact-
     # enough products: the ratio alone may leave float32's range. The divisor is
     # never 0 where it is used: there the norm exceeds a threshold >= 0.
-    ratio = threshold / jnp.where(clipped, parts.mantissa, 1.0)
+    mantissa = jnp.where(clipped, parts.mantissa, 1.0)
+    ratio = threshold / mantissa
+    # On the fast path the mantissa is the norm itself (inv_unit is 1), and a threshold
+    # far below it gives a ratio under float32's normal range, which CPUs flush to 0.
+    # Then the norm's power of two moves into the first product, as on the careful path.
+    shift = jnp.where(ratio < _FLOAT32_TINY, inverse_unit(mantissa), 1.0)
+    inv_unit = parts.inv_unit * shift
+    ratio = threshold / (mantissa * shift)
 
     changed = clipped if nonfinite == "propagate" else clipped | parts.has_nonfinite
 
@@ -457,7 +486,7 @@ def apply_threshold(
             # instead of 1.01x) and an unclipped one loses its subnormal entries.
             fixed = jnp.where(parts.has_nonfinite, impute_nonfinite(leaf), leaf)
         # The float32 scalars promote bf16/f16 leaves to float32 for the product.
-        scaled = (fixed * parts.inv_unit * ratio).astype(leaf.dtype)
+        scaled = (_within_float32_range(fixed) * inv_unit * ratio).astype(leaf.dtype)
         new_leaf = jnp.where(clipped, scaled, fixed)
         if nonfinite == "zero":
             new_leaf = jnp.where(parts.has_nonfinite, jnp.zeros_like(leaf), new_leaf)

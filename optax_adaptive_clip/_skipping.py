@@ -94,6 +94,11 @@ def skip_on_spike(
     _checks.check_real("num_std", num_std, low=0.0)
     min_history = _checks.check_min_history(min_history, window=window, minimum=2)
     _clipping.check_common_options(norm_ord=norm_ord, max_norm=max_norm, record=record)
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise ValueError(
+            "`inner` must be an optax.GradientTransformation, such as optax.adam(1e-3) "
+            f"(not the factory optax.adam); got {inner!r}."
+        )
     inner = optax.with_extra_args_support(inner)
     outlier_threshold = _clipping.mean_plus_std_rule(num_std)
 

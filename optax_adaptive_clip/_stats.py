@@ -65,13 +65,14 @@ def _state_stats(state: Any) -> dict[str, jax.Array]:
             "skip_count": state.skip_count,
             "skip_fraction": state.skip_count / jnp.maximum(updates_seen, 1.0),
             "nonfinite_count": state.nonfinite_count,
-            "history_size": jnp.minimum(state.count, state.norms.shape[0]),
+            "history_size": jnp.minimum(state.count, state.norms.shape[-1]),
         }
     if isinstance(state, ZClipState):
         steps, history_size = state.num_updates, state.count
     else:
-        # Every clipped update is recorded.
-        steps, history_size = state.count, jnp.minimum(state.count, state.norms.shape[0])
+        # Every clipped update is recorded. The window is the last axis also for states
+        # stacked by lax.scan or vmap.
+        steps, history_size = state.count, jnp.minimum(state.count, state.norms.shape[-1])
     return {
         "norm": state.last_norm,
         "threshold": state.threshold,
@@ -97,9 +98,12 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     * ``threshold``: threshold applied to it (``inf`` when none);
     * ``clipped``: whether it was scaled down (``skipped`` for skip_on_spike);
     * ``clip_count``: updates scaled down so far (``skip_count``);
-    * ``clip_fraction``: ``clip_count`` over the norms recorded (``skip_fraction``);
+    * ``clip_fraction``: ``clip_count`` over the updates seen (``skip_fraction``);
+      for :func:`adaptive_clip` and :func:`autoclip`, over the norms recorded,
+      which include every clipped update;
     * ``nonfinite_count``: updates that held NaN or inf;
-    * ``history_size``: norms the statistics rest on.
+    * ``history_size``: norms the statistics rest on (at most ``window`` for the
+      ring buffers; for :func:`zclip`, every norm folded into its averages).
 
     Keys carry the ``multi_transform`` label of their clipper when there is
     one (``"encoder/norm"``). Where labels do not tell several clippers apart,

@@ -28,7 +28,8 @@ class ZClipState(NamedTuple):
     last_norm: jax.Array
     """float32, global norm of the latest update before clipping."""
     threshold: jax.Array
-    """float32, norm the latest update was clipped to if above it (``inf`` in warmup)."""
+    """float32, norm the latest update was clipped to if above it (in warmup ``max_norm``,
+    or ``inf`` without one)."""
     last_clipped: jax.Array
     """bool, whether the latest update was scaled down."""
     clip_count: jax.Array
@@ -106,7 +107,10 @@ def zclip(
     """
     _checks.check_real("alpha", alpha, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
     _checks.check_real("z_thresh", z_thresh, low=0.0, low_inclusive=False)
-    _checks.check_int("warmup_steps", warmup_steps, minimum=1)
+    warmup_steps = _checks.check_int(
+        "warmup_steps", warmup_steps, minimum=1, maximum=_checks.INT32_MAX
+    )
+    _checks.check_bool("skip_update_on_spike", skip_update_on_spike)
     _checks.check_real("eps", eps, low=0.0, low_inclusive=False)
     _checks.check_choice("clip_option", clip_option, CLIP_OPTIONS)
     _clipping.check_common_options(norm_ord=norm_ord, max_norm=max_norm, nonfinite=nonfinite)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,51 @@ def test_float64_values_beyond_float32_range_never_make_nan():
                 # Counted as float32's largest value.
                 assert float(state.last_norm) == FLOAT32_MAX
         np.testing.assert_allclose(np.asarray(out), [0.6, 0.8], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("grad", "expected"),
+    [([1e39, 1e39], [0.5**0.5, 0.5**0.5]), ([1e300, 0.0], [1.0, 0.0]), ([1e300, 1e10], [1.0, 0.0])],
+)
+def test_float64_values_beyond_float32_range_are_clipped_as_counted(grad, expected):
+    # The norm counts them as float32's largest value; scaled as they were, a clipped
+    # update used to keep a norm of 2.9 (and of 2.9e261 for 1e300) with max_norm=1.
+    with jax.enable_x64(True):
+        tx = oac.adaptive_clip(window=2, max_norm=1.0)
+        out, _ = jax.jit(tx.update)(jnp.array(grad, jnp.float64), tx.init(jnp.zeros(2)))
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6, atol=1e-9)
+        complex_grad = jnp.array(grad, jnp.float64) * (0.6 + 0.8j)
+        out, _ = jax.jit(tx.update)(complex_grad, tx.init(complex_grad))
+        assert np.linalg.norm(np.asarray(out)) == pytest.approx(1.0, rel=1e-6)
+        np.testing.assert_allclose(np.asarray(out), np.array(expected) * (0.6 + 0.8j), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("norm_ord", "grad", "max_norm"),
+    [(1, 1e20, 1e-19), (math.inf, 1e29, 1e-10), (2, 1e14, 1e-25), (2, 1e16, 1e-25)],
+)
+def test_threshold_far_below_a_norm_in_float32_range_scales_exactly(norm_ord, grad, max_norm):
+    # threshold / norm below float32's normal range used to be flushed to 0 on the fast path.
+    tx = oac.adaptive_clip(window=2, max_norm=max_norm, norm_ord=norm_ord)
+    out, state = jax.jit(tx.update)(jnp.array([grad, 0.0]), tx.init(jnp.zeros(2)))
+    assert bool(state.last_clipped)
+    np.testing.assert_allclose(np.asarray(out), [max_norm, 0.0], rtol=1e-6)
+
+
+def test_most_negative_integers_have_their_true_magnitude():
+    norm, _ = oac.global_norm([jnp.array([-128], jnp.int8)], norm_ord=1)
+    assert float(norm) == 128.0
+    norm, _ = oac.global_norm([jnp.array([np.iinfo(np.int32).min], jnp.int32)], norm_ord=math.inf)
+    assert float(norm) == 2.0**31
+
+
+def test_python_scalar_leaves_are_arrays_to_every_clipper():
+    for tx in (oac.adaptive_clip(window=2, max_norm=1.0), oac.zclip(max_norm=1.0)):
+        out, _ = jax.jit(tx.update)({"a": 5.0, "b": jnp.zeros(2)}, tx.init({"a": 0.0}))
+        assert float(out["a"]) == pytest.approx(1.0)
+    assert float(oac.global_norm({"a": 3.0, "b": 4})[0]) == 5.0
+    norms, _ = oac.history_push(jnp.zeros(2), jnp.array(0), 2.5)
+    assert float(norms[0]) == 2.5
 
 
 @pytest.mark.parametrize("huge", [3e38, 1e30])
@@ -278,3 +325,19 @@ def test_autoclip_with_clipped_record_keeps_a_low_threshold_low():
     raw = _update_norms(oac.autoclip(), grads)
     assert clipped[-100:].max() < 0.01
     assert raw[-100:].mean() > 4.0
+
+
+def test_clip_stats_of_states_stacked_by_scan():
+    # history_size used to read the stacking axis (40 steps) as the window (8).
+    tx = oac.adaptive_clip(window=8)
+
+    def step(state, grad):
+        _, state = tx.update(grad, state)
+        return state, state
+
+    grads = jnp.linspace(1.0, 2.0, 40)[:, None] * jnp.ones((40, 3))
+    _, states = jax.lax.scan(step, tx.init(jnp.zeros(3)), grads)
+    stats = oac.clip_stats(states)
+    expected_sizes = np.minimum(np.arange(1, 41), 8)
+    np.testing.assert_array_equal(np.asarray(stats["history_size"]), expected_sizes)
+    assert stats["clip_fraction"].shape == (40,)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,3 +93,29 @@ def test_no_injected_value_reverses_an_update_or_puts_nan_in_the_state(name, val
         if out_norm > 0:
             cosine = float(out.astype(np.float64) @ direction) / out_norm
             assert cosine > 1 - 1e-5, (values, out, norm)
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "minimum"),
+    [
+        ("adaptive_clip", "min_history", 2),
+        ("skip_on_spike", "min_history", 2),
+        ("autoclip", "min_history", 1),
+        ("zclip", "warmup_steps", 1),
+    ],
+)
+@pytest.mark.parametrize("value", [0, -5])
+def test_injected_counts_below_their_minimum_act_as_the_minimum(name, field, minimum, value):
+    """A min_history of 0 used to take statistics of an empty history: a threshold of 0."""
+    factory, static_args, kwargs = INJECTED[name]
+    below = optax.inject_hyperparams(factory, static_args=static_args)(**kwargs)
+    at_minimum = optax.inject_hyperparams(factory, static_args=static_args)(
+        **{**kwargs, field: minimum}
+    )
+    state, expected_state = below.init(jnp.zeros(2)), at_minimum.init(jnp.zeros(2))
+    state.hyperparams[field] = jnp.asarray(value, state.hyperparams[field].dtype)
+    for norm in (3.0, 3.1, 2.9, 30.0, 3.0):
+        grad = jnp.array([norm, 0.0])
+        out, state = jax.jit(below.update)(grad, state)
+        expected, expected_state = jax.jit(at_minimum.update)(grad, expected_state)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))

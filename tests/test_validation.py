@@ -13,8 +13,10 @@ import pytest
 import optax_adaptive_clip as oac
 
 BAD_ARGUMENTS = [
-    (oac.adaptive_clip, {"window": 1}, "`window` must be an integer >= 2"),
-    (oac.adaptive_clip, {"window": 3.5}, "`window` must be an integer >= 2"),
+    (oac.adaptive_clip, {"window": 1}, r"`window` must be an integer in \[2, 2147483647\]"),
+    (oac.adaptive_clip, {"window": 3.5}, r"`window` must be an integer in \[2, 2147483647\]"),
+    # The counters are int32: a larger window or warmup could never fill.
+    (oac.adaptive_clip, {"window": 2**31}, r"`window` must be an integer in \[2, 2147483647\]"),
     (oac.adaptive_clip, {"num_std": -0.1}, r"`num_std` must be in \[0.0, inf\)"),
     (oac.adaptive_clip, {"num_std": math.nan}, "`num_std`"),
     (oac.adaptive_clip, {"num_std": math.inf}, r"`num_std` must be in \[0.0, inf\)"),
@@ -38,7 +40,11 @@ BAD_ARGUMENTS = [
     (oac.zclip, {"alpha": 1.0}, "`alpha` must be in \\(0.0, 1.0\\)"),
     (oac.zclip, {"alpha": 0.0}, "`alpha` must be in \\(0.0, 1.0\\)"),
     (oac.zclip, {"z_thresh": 0.0}, r"`z_thresh` must be in \(0.0, inf\)"),
-    (oac.zclip, {"warmup_steps": 0}, "`warmup_steps` must be an integer >= 1"),
+    (oac.zclip, {"warmup_steps": 0}, r"`warmup_steps` must be an integer in \[1, 2147483647\]"),
+    (oac.zclip, {"warmup_steps": 2**40}, r"`warmup_steps` must be an integer in \[1, 2147483647\]"),
+    # A string such as "False" would read as true.
+    (oac.zclip, {"skip_update_on_spike": "False"}, "`skip_update_on_spike` must be True or False"),
+    (oac.zclip, {"skip_update_on_spike": None}, "`skip_update_on_spike` must be True or False"),
     (oac.zclip, {"clip_option": "median"}, "`clip_option` must be one of"),
     (oac.zclip, {"eps": 0.0}, "`eps` must be in \\(0.0"),
     # Numeric strings (as argparse or a YAML config leave them) are not numbers.
@@ -75,11 +81,29 @@ def test_skip_on_spike_bad_arguments(kwargs, message):
         oac.skip_on_spike(optax.sgd(0.1), **kwargs)
 
 
+@pytest.mark.parametrize("inner", [optax.adam, None])
+def test_skip_on_spike_needs_a_transformation_not_a_factory(inner):
+    with pytest.raises(ValueError, match=r"`inner` must be an optax\.GradientTransformation"):
+        oac.skip_on_spike(inner)
+
+
+def test_complex_hyperparameters_get_a_hint():
+    # inject_hyperparams gives hyperparameters the dtype of complex parameters.
+    tx = optax.inject_hyperparams(oac.adaptive_clip, static_args=("window",))(num_std=1.0)
+    with pytest.raises(ValueError, match=r"`num_std` must be a real number.*hyperparam_dtype"):
+        tx.init(jnp.zeros(2, jnp.complex64))
+    tx = optax.inject_hyperparams(
+        oac.adaptive_clip, static_args=("window",), hyperparam_dtype=jnp.float32
+    )(num_std=1.0)
+    tx.update(jnp.array([3.0 + 4.0j]), tx.init(jnp.zeros(1, jnp.complex64)))
+
+
 def test_good_edge_values_are_accepted():
     oac.adaptive_clip(window=2, num_std=0.0, min_history=2, norm_ord=math.inf)
     oac.adaptive_clip(norm_ord=1.5, record="clipped", nonfinite="propagate")
     oac.autoclip(percentile=100.0, min_history=None)
     oac.zclip(alpha=0.5, warmup_steps=1, clip_option="mean", max_norm=1.0)
+    oac.zclip(skip_update_on_spike=np.bool_(True))
     oac.adaptive_clip(max_norm=math.inf, warmup_max_norm=math.inf)  # inf: no limit
 
 
