@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import jax
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +84,114 @@ def test_quick_study_writes_table_records_and_figures(quick_run: Path):
         assert (quick_run / figure).stat().st_size > 1000
     summary = json.loads((quick_run / "summary.json").read_text())
     assert summary["runs"] == len(records) and summary["seeds"] == seeds
+
+
+# --- --resume --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_training(monkeypatch) -> Iterator[list[tuple[str, tuple[str, ...], tuple[int, ...]]]]:
+    """Runs `study.main` without data, compilation or training; lists what it trained.
+
+    The fake loss at step 0 is 4 + the condition's spike probability, so the records show
+    which setup a result was made with.
+    """
+    trained = []
+
+    def train_condition(programs, config, condition, clippers, seeds):
+        trained.append((condition.name, tuple(clippers), tuple(seeds)))
+        steps, evals = config.num_steps, config.num_steps // config.eval_every
+        loss = np.linspace(4.0, 1.0, steps) + condition.spike_prob
+        no = np.zeros((len(seeds), steps), bool)
+        curves = {
+            "loss": np.tile(loss, (len(seeds), 1)),
+            "grad_norm": np.ones((len(seeds), steps)),
+            "threshold": np.ones((len(seeds), steps)),
+            "clipped": no,
+            "spiked": no,
+            "noisy": no,
+            "eval_token_accuracy": np.ones((len(seeds), evals)),
+            "eval_exact_match": np.ones((len(seeds), evals)),
+        }
+        return {clipper: curves for clipper in clippers}
+
+    monkeypatch.setattr(study.data_lib, "load_dataset", lambda config: SimpleNamespace(info={}))
+    monkeypatch.setattr(study, "build_programs", lambda *args: None)
+    monkeypatch.setattr(study, "train_condition", train_condition)
+    monkeypatch.setattr(study, "plot_losses", lambda *args: None)
+    monkeypatch.setattr(study, "plot_norms", lambda *args: None)
+    async_dispatch = jax.config.values["jax_cpu_enable_async_dispatch"]  # main() turns it off
+    yield trained
+    jax.config.update("jax_cpu_enable_async_dispatch", async_dispatch)
+
+
+def _initial_losses(out: Path) -> dict[tuple[str, str], float]:
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    return {(r["condition"], r["clipper"]): r["initial_loss"] for r in records}
+
+
+def test_resume_reuses_only_conditions_made_with_the_same_setup(tmp_path, fake_training, capsys):
+    base = ["--quick", "--out", str(tmp_path), "--conditions", "baseline,spikes"]
+    study.main([*base, "--clippers", "none,adaptive"])
+    assert [name for name, *_ in fake_training] == ["baseline", "spikes"]
+
+    fake_training.clear()
+    study.main([*base, "--clippers", "none,adaptive", "--resume"])
+    assert fake_training == []
+
+    # Other spike flags change `spikes` only: it is trained again, and its records say so.
+    fake_training.clear()
+    capsys.readouterr()
+    study.main([*base, "--clippers", "none,adaptive", "--resume", "--spike-prob", "0.5"])
+    assert [name for name, *_ in fake_training] == ["spikes"]
+    assert "spikes: retraining" in capsys.readouterr().out
+    assert _initial_losses(tmp_path)[("spikes", "adaptive")] == pytest.approx(4.5)
+    assert "resumed: reused baseline from" in (tmp_path / "study.md").read_text()
+
+    # An added clipper or seed is trained, not a KeyError.
+    for extra in (["--clippers", "none,adaptive,zclip"], ["--clippers", "none", "--seeds", "3"]):
+        fake_training.clear()
+        study.main([*base, *extra, "--resume"])
+        assert [name for name, *_ in fake_training] == ["baseline", "spikes"]
+    assert fake_training[0] == ("baseline", ("none",), (0, 1, 2))
+
+
+def test_resume_retrains_a_cache_without_its_setup(tmp_path, fake_training, capsys):
+    args = ["--quick", "--out", str(tmp_path), "--conditions", "spikes", "--clippers", "none"]
+    study.main(args)
+    cache = tmp_path / "conditions" / "spikes.npz"
+    with np.load(cache) as saved:  # only the clippers' arrays, as study.py wrote them before
+        arrays = {key: saved[key] for key in saved.files if "/" in key}
+    np.savez_compressed(cache, **arrays)
+
+    fake_training.clear()
+    capsys.readouterr()
+    study.main([*args, "--resume"])
+    assert [name for name, *_ in fake_training] == ["spikes"]
+    assert "did not record its setup" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_with_other_flags_trains_for_real(tmp_path):
+    """The review's reproduction, end to end: new spike flags give new numbers, not old ones."""
+    base = [sys.executable, str(STUDY), "--quick", "--out", str(tmp_path), "--seeds", "1"]
+    base += ["--steps", "30", "--conditions", "spikes", "--clippers", "none"]
+
+    def run(*extra: str) -> str:
+        result = subprocess.run(
+            [*base, *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    def corrupted_steps() -> int:
+        (record,) = [
+            json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()
+        ]
+        return record["corrupted_steps"]
+
+    run("--spike-prob", "0")
+    assert corrupted_steps() == 0
+    assert "retraining" in run("--resume", "--spike-prob", "1")
+    assert corrupted_steps() == 30
+    assert "retraining" in run("--resume", "--spike-prob", "1", "--clippers", "none,zclip")

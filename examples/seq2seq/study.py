@@ -397,6 +397,82 @@ def summarize_run(curves: dict[str, np.ndarray], index: int, config: Config, tar
     }
 
 
+# --- finished conditions, kept for --resume --------------------------------------------------
+
+SETUP_KEY = "setup"  # clippers' arrays are stored as "clipper/name", so this can't clash
+
+
+def condition_setup(
+    condition: Condition, config: Config, seeds: Sequence[int], clippers: Sequence[str]
+) -> dict:
+    """Everything a condition's results depend on, as it reads back from the cache's JSON.
+
+    Seeds and clippers count as whole lists: they set how many rows the compiled program
+    vmaps over, which changes the last bits of every run: a clipper trained alone would not
+    reproduce, bit for bit, the same clipper trained next to others.
+    """
+    setup = {
+        "condition": dataclasses.asdict(condition),
+        "config": dataclasses.asdict(config),
+        "seeds": list(seeds),
+        "clippers": list(clippers),
+    }
+    return json.loads(json.dumps(setup))
+
+
+def _setup_changes(saved: dict, wanted: dict) -> str:
+    """What differs, like ``condition.spike_prob 0.03 -> 0.5; clippers [...] -> [...]``."""
+    changes = []
+    for part, new in wanted.items():
+        old = saved.get(part)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [
+                f"{part}.{field} {old.get(field, 'unset')!r} -> {new.get(field, 'unset')!r}"
+                for field in sorted(old.keys() | new.keys())
+                if old.get(field, "unset") != new.get(field, "unset")
+            ]
+        elif old != new:
+            changes.append(f"{part} {old!r} -> {new!r}")
+    return "; ".join(changes) or "the stored setup differs"
+
+
+def save_condition(path: Path, setup: dict, by_clipper: dict[str, dict[str, np.ndarray]]) -> None:
+    path.parent.mkdir(exist_ok=True)
+    # Written under another name, then renamed: a run killed mid-write leaves no broken cache.
+    partial = path.with_suffix(".partial.npz")
+    np.savez_compressed(
+        partial,
+        **{SETUP_KEY: np.asarray(json.dumps(setup))},
+        **{
+            f"{clipper}/{key}": values
+            for clipper, curves in by_clipper.items()
+            for key, values in curves.items()
+        },
+    )
+    partial.replace(path)
+
+
+def load_condition(path: Path, setup: dict) -> tuple[dict | None, str | None]:
+    """``(results, None)`` if the cache at ``path`` was made with ``setup``, else ``(None, why)``.
+
+    A cache without a stored setup is never trusted: nothing says what it was made with.
+    """
+    with np.load(path) as saved:
+        if SETUP_KEY not in saved.files:
+            return None, "it was written by an older study.py that did not record its setup"
+        saved_setup = json.loads(saved[SETUP_KEY].item())
+        if saved_setup != setup:
+            return None, "it was made with another setup: " + _setup_changes(saved_setup, setup)
+        return {
+            clipper: {
+                key.split("/", 1)[1]: saved[key]
+                for key in saved.files
+                if key.split("/", 1)[0] == clipper
+            }
+            for clipper in setup["clippers"]
+        }, None
+
+
 # --- table and figures -----------------------------------------------------------------------
 
 
@@ -538,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="reuse the conditions an interrupted run with the same flags finished",
+        help="reuse conditions an earlier run into --out finished with the same setup "
+        "(condition, model and data, seeds, clippers); train the others",
     )
     parser.add_argument("--target", type=float, default=0.9, help="exact match for steps-to-target")
     return parser
@@ -567,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dataset = data_lib.load_dataset(config)
     print(f"data: {json.dumps(dataset.info)}", flush=True)
     records: list[dict] = []
+    reused: list[str] = []
     all_curves: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     runs_path = out / "runs.jsonl"
     runs_path.write_text("")
@@ -577,27 +655,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for condition in (c for c in conditions if c.cell == cell):
             condition_began = time.perf_counter()
             cache = out / "conditions" / f"{condition.name}.npz"
-            if args.resume and cache.exists():  # finished by an earlier, interrupted run
-                with np.load(cache) as saved:
-                    by_clipper = {
-                        clipper: {
-                            key.split("/", 1)[1]: saved[key]
-                            for key in saved.files
-                            if key.split("/", 1)[0] == clipper
-                        }
-                        for clipper in clippers
-                    }
-            else:
+            wanted = condition_setup(condition, config, seeds, clippers)
+            by_clipper = None
+            if args.resume and cache.exists():  # finished by an earlier run
+                by_clipper, mismatch = load_condition(cache, wanted)
+                if mismatch:
+                    print(
+                        f"{condition.name}: retraining, not reusing {cache}: {mismatch}", flush=True
+                    )
+                else:
+                    reused.append(condition.name)
+            if by_clipper is None:
                 by_clipper = train_condition(programs, config, condition, clippers, seeds)
-                cache.parent.mkdir(exist_ok=True)
-                np.savez_compressed(
-                    cache,
-                    **{
-                        f"{clipper}/{key}": values
-                        for clipper, curves in by_clipper.items()
-                        for key, values in curves.items()
-                    },
-                )
+                save_condition(cache, wanted, by_clipper)
             elapsed = time.perf_counter() - (compile_began if first else condition_began)
             print(
                 f"{condition.name} ({condition.describe()}): {elapsed:.1f} s"
@@ -648,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "# Stability study",
         "",
         f"Command: `{command.strip()}` ({wall / 60:.1f} min"
-        + (", resumed: conditions finished before were reused" if args.resume else "")
+        + (f", resumed: reused {', '.join(reused)} from an earlier run" if reused else "")
         + f", {jax.device_count()} device(s)).",
         f"Seeds {seeds}; model and data: `{json.dumps(setup)}`; "
         f"target exact match {args.target:g}; evaluated every {config.eval_every} steps "
