@@ -184,6 +184,138 @@ def test_stop_at_below_one_is_rejected_by_the_parser(value, capsys):
     assert config_lib.parse_config(["--stop-at", "1"]).stop_at == 1
 
 
+def test_help_shows_each_fields_text_and_the_clip_modes_it_applies_to(monkeypatch):
+    # --help used to print only the defaults, though config.py said the comments were the help.
+    monkeypatch.setenv("COLUMNS", "300")  # phrases are not wrapped
+    text = config_lib.build_parser().format_help()
+    for field in dataclasses.fields(config_lib.Config):
+        assert field.metadata["help"] in text, field.name
+    entries = [" ".join(entry.split()) for entry in text.split("\n  --")[1:]]
+    lines = {"--" + entry.split()[0]: entry for entry in entries}
+    assert "Only for --clip global." in lines["--max-norm"]
+    for flag in ("--window", "--num-std", "--min-history", "--warmup-max-norm", "--record"):
+        assert "Only for --clip adaptive and adaptive-per-module." in lines[flag], flag
+    assert "(default: 1.0)" in lines["--max-norm"]
+    assert "Only for" not in lines["--learning-rate"]
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--num-steps",
+        "--batch-size",
+        "--eval-every",
+        "--log-every",
+        "--checkpoint-every",
+        "--eval-batch-size",
+        "--train-size",
+        "--test-size",
+        "--embed-dim",
+        "--hidden-dim",
+        "--attention-dim",
+        "--max-length",
+    ],
+)
+def test_counts_below_one_are_rejected_by_the_parser(flag, capsys):
+    # Each used to crash after data generation (a modulo or division by zero, an empty
+    # range) or, for --batch-size 0, to "train" with a loss of 0.
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(["--smoke", flag, "0"])
+    assert f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert getattr(config_lib.parse_config([flag, "7"]), flag[2:].replace("-", "_")) == 7
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--record", "clip"], "argument --record: invalid choice: 'clip'"),
+        (["--nonfinite", "skip"], "argument --nonfinite: invalid choice: 'skip'"),
+        (["--compare", "none,sometimes"], "argument --compare: unknown clip modes ['sometimes']"),
+        (["--compare", ","], "argument --compare: unknown clip modes"),
+        (["--window", "1"], "argument --window: must be an integer >= 2"),
+        (["--min-history", "40"], "--min-history 40 exceeds --window 32"),
+        (["--smoke", "--min-history", "20"], "--min-history 20 exceeds --window 16"),
+        (["--learning-rate", "0"], "argument --learning-rate: must be a finite number > 0"),
+        (["--max-norm", "-1"], "argument --max-norm: must be a finite number > 0"),
+        (["--num-std", "nan"], "argument --num-std: must be a finite number >= 0"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0"),
+        (["--warmup-steps", "-1"], "argument --warmup-steps: must be an integer >= 0"),
+        (["--train-size", "999999", "--test-size", "2"], "exceeds the 1000000 numbers"),
+    ],
+)
+def test_bad_flags_are_rejected_before_any_data_is_made(args, message, capsys):
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(args)
+    assert message in capsys.readouterr().err
+
+
+def test_record_and_nonfinite_choices_are_the_librarys():
+    from optax_adaptive_clip import _clipping, _norms
+
+    fields = {field.name: field for field in dataclasses.fields(config_lib.Config)}
+    assert tuple(fields["record"].metadata["choices"]) == tuple(_clipping.RECORD_MODES)
+    assert tuple(fields["nonfinite"].metadata["choices"]) == tuple(_norms.NONFINITE_MODES)
+
+
+def test_resume_without_a_checkpoint_dir_is_rejected(capsys):
+    # It used to train from step 0 and truncate the finished run's metrics.jsonl.
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(["--smoke", "--resume"])
+    assert "--resume needs --checkpoint-dir" in capsys.readouterr().err
+    assert config_lib.parse_config(["--resume", "--checkpoint-dir", "ck"]).resume
+
+
+def test_flags_without_effect_are_warned_about(capsys):
+    config_lib.parse_config(["--stop-at", "5"])
+    assert "--stop-at without --checkpoint-dir" in capsys.readouterr().err
+    config_lib.parse_config(["--max-norm", "0.5"])  # adaptive by default: no fixed threshold
+    assert "--max-norm has no effect with --clip adaptive" in capsys.readouterr().err
+    config_lib.parse_config(["--clip", "zclip", "--window", "8"])
+    assert "--window has no effect with --clip zclip" in capsys.readouterr().err
+    config_lib.parse_config(["--compare", "none,global", "--num-std", "2"])
+    assert "--num-std has no effect with --clip none, global" in capsys.readouterr().err
+    for args in (
+        ["--smoke"],  # --smoke sets --window, but the user did not
+        ["--clip", "global", "--max-norm", "0.5"],
+        ["--compare", "global,adaptive", "--window", "8", "--max-norm", "2"],
+        ["--stop-at", "5", "--checkpoint-dir", "ck"],
+    ):
+        config_lib.parse_config(args)
+        assert capsys.readouterr().err == "", args
+
+
+def test_resume_compares_the_run_defining_flags_only():
+    from examples.seq2seq import train
+
+    saved = config_lib.Config(out="a", checkpoint_dir="ck", log_every=5)
+    meta = {"step": 10, "seed": 0, "clip_steps": 1, "config": dataclasses.asdict(saved)}
+    same_run = dataclasses.replace(
+        saved, out="b", checkpoint_dir="ck2", log_every=7, eval_every=3, stop_at=20, quiet=True
+    )
+    assert train.resume_mismatches(same_run, meta) == []
+    other = dataclasses.replace(saved, seed=7, num_steps=900, clip="global", quiet=True)
+    assert train.resume_mismatches(other, meta) == [
+        "--clip 'adaptive' in the checkpoint, 'global' now",
+        "--num-steps 800 in the checkpoint, 900 now",
+        "--seed 0 in the checkpoint, 7 now",
+    ]
+    # A checkpoint from before the config was saved: only its seed can be compared.
+    old_meta = {"step": 10, "seed": 0, "clip_steps": 1}
+    assert train.resume_mismatches(dataclasses.replace(saved, num_steps=900), old_meta) == []
+    assert train.resume_mismatches(other, old_meta) == ["--seed 0 in the checkpoint, 7 now"]
+
+
+def test_plots_of_a_directory_without_metrics_is_a_clear_error(tmp_path):
+    # It used to fail in matplotlib (a compare directory) or on saving (a mistyped path).
+    from examples.seq2seq import plots
+
+    (tmp_path / "global").mkdir()
+    for run_dir in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(SystemExit, match=r"no metrics\.jsonl"):
+            plots.main([str(run_dir)])
+    assert not (tmp_path / "loss.png").exists()
+
+
 def test_compare_table_shows_null_metrics_as_not_available():
     from examples.seq2seq import main
 
@@ -347,3 +479,59 @@ def test_diverged_run_finishes_with_a_null_loss(tmp_path, capsys):
     assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["loss"] is None
     assert summary["final_loss"] is None
     assert "loss n/a" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_flags_and_says_when_there_is_no_checkpoint(tmp_path, capsys):
+    from examples.seq2seq import main
+
+    out, checkpoints = tmp_path / "run", tmp_path / "checkpoints"
+    args = ["--smoke", "--quiet", "--num-steps", "20", "--eval-every", "1000", "--window", "8"]
+    args += ["--out", str(out), "--checkpoint-dir", str(checkpoints)]
+    main.main([*args, "--stop-at", "10"])
+    logged = (out / "metrics.jsonl").read_text()
+    for extra, messages in [
+        (["--seed", "7"], ["--seed 0 in the checkpoint, 7 now"]),
+        (
+            ["--num-std", "2", "--num-steps", "30"],
+            [
+                "--num-std 1.0 in the checkpoint, 2.0 now",
+                "--num-steps 20 in the checkpoint, 30 now",
+            ],
+        ),
+        # another optimizer state: used to fail in orbax with a tree dump naming no flag
+        (["--clip", "global"], ["--clip 'adaptive' in the checkpoint, 'global' now"]),
+    ]:
+        with pytest.raises(SystemExit, match="made with other flags") as refused:
+            main.main([*args, "--resume", *extra])
+        for message in messages:
+            assert message in str(refused.value), extra
+        assert (out / "metrics.jsonl").read_text() == logged  # the run's logs are kept
+
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    summary = main.main([*args, "--checkpoint-dir", str(empty), "--resume", "--stop-at", "3"])
+    assert f"no checkpoint in {empty}: starting from step 0" in capsys.readouterr().out
+    assert summary["steps"] == 3
+
+
+@pytest.mark.slow
+def test_checkpoint_saving_is_not_step_time(tmp_path, monkeypatch):
+    """A save that takes a second must not show in step_time_ms (it used to: the time from
+    the save to the next log was counted as steps)."""
+    import time
+
+    from examples.seq2seq import main, train
+
+    save = train.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        save(*args, **kwargs)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(train, "save_checkpoint", slow_save)
+    args = ["--smoke", "--quiet", "--num-steps", "20", "--eval-every", "1000"]
+    args += ["--checkpoint-every", "5", "--out", str(tmp_path)]
+    summary = main.main([*args, "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    # 3 of the saves fall in the 15 timed steps: 200 ms a step if they were counted
+    assert summary["step_time_ms"] < 100

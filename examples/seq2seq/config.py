@@ -9,101 +9,241 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 CLIP_MODES = ("none", "global", "adaptive", "adaptive-per-module", "autoclip", "zclip")
+ADAPTIVE_MODES = ("adaptive", "adaptive-per-module")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for an integer >= ``minimum``: a count of 0 would otherwise crash
+    late (a modulo or division by zero) or silently train nothing."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {minimum}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def _finite_float(text: str, minimum: float, inclusive: bool) -> float:
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value >= minimum if inclusive else value > minimum)):
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0: a zero learning rate or threshold trains nothing."""
+    return _finite_float(text, 0.0, inclusive=False)
+
+
+def non_negative_float(text: str) -> float:
+    return _finite_float(text, 0.0, inclusive=True)
+
+
+def compare_modes(text: str) -> list[str]:
+    """The clip modes of ``--compare`` (comma-separated), checked."""
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in CLIP_MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(
+            f"unknown clip modes {unknown or [text]}; choose from {', '.join(CLIP_MODES)}"
+        )
+    return modes
+
+
+def _compare_flag(text: str) -> str:
+    compare_modes(text)
+    return text
+
+
+def option(
+    default: object,
+    help_text: str,
+    *,
+    parse: Callable[[str], object] | None = None,
+    choices: Sequence[str] | None = None,
+    clip: Sequence[str] | None = None,
+) -> Any:
+    """A :class:`Config` field with what its ``--flag`` needs: help text, a checking parser
+    or choices, and the ``--clip`` modes it applies to (unset: all)."""
+    metadata = {"help": help_text, "parse": parse, "choices": choices, "clip": clip}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a training run depends on. Field comments double as ``--help`` text."""
+    """Everything a training run depends on; each field's help is its ``--help`` text."""
 
     # --- data -----------------------------------------------------------------------------
-    # Tab-separated sentence pairs (source TAB target); unset: generated number words.
-    data: str | None = None
-    # Smallest and largest number of the generated English -> French number-word task.
-    number_min: int = 0
-    number_max: int = 999_999
-    # Training pairs sampled from the number range (disjoint from the test numbers).
-    train_size: int = 30_000
-    # Held-out pairs used for evaluation.
-    test_size: int = 2_000
-    # Seed of the train/test split.
-    data_seed: int = 0
-    # TSV only: keep pairs whose two sides have fewer than this many tokens.
-    max_length: int = 10
-    # TSV only: keep only pairs whose English side starts like "i am", "he is", ...
-    prefix_filter: bool = False
-    # TSV only: translate from the second column to the first.
-    reverse: bool = False
+    data: str | None = option(
+        None, "Tab-separated sentence pairs (source TAB target); unset: generated number words."
+    )
+    number_min: int = option(
+        0, "Smallest number of the generated English -> French number-word task."
+    )
+    number_max: int = option(999_999, "Largest number of the generated number-word task.")
+    train_size: int = option(
+        30_000,
+        "Training pairs sampled from the number range (disjoint from the test numbers).",
+        parse=positive_int,
+    )
+    test_size: int = option(2_000, "Held-out pairs used for evaluation.", parse=positive_int)
+    data_seed: int = option(0, "Seed of the train/test split.", parse=non_negative_int)
+    max_length: int = option(
+        10,
+        "TSV only: keep pairs whose two sides have fewer than this many tokens.",
+        parse=positive_int,
+    )
+    prefix_filter: bool = option(
+        False, 'TSV only: keep only pairs whose English side starts like "i am", "he is", ...'
+    )
+    reverse: bool = option(False, "TSV only: translate from the second column to the first.")
 
     # --- model ----------------------------------------------------------------------------
-    # Width of the token embeddings.
-    embed_dim: int = 64
-    # Width of the GRU states (each encoder direction and the decoder).
-    hidden_dim: int = 128
-    # Width of the additive-attention hidden layer.
-    attention_dim: int = 128
-    # Recurrent cell of encoder and decoder: "gru" or "rnn" (vanilla tanh RNN).
-    cell: str = "gru"
+    embed_dim: int = option(64, "Width of the token embeddings.", parse=positive_int)
+    hidden_dim: int = option(
+        128, "Width of the GRU states (each encoder direction and the decoder).", parse=positive_int
+    )
+    attention_dim: int = option(
+        128, "Width of the additive-attention hidden layer.", parse=positive_int
+    )
+    cell: str = option(
+        "gru",
+        "Recurrent cell of encoder and decoder: a GRU or a vanilla tanh RNN.",
+        choices=("gru", "rnn"),
+    )
 
     # --- optimisation ---------------------------------------------------------------------
-    # Seed of parameter initialisation and of the order training batches are drawn in.
-    seed: int = 0
-    # Global batch, split over all devices (must be divisible by their count).
-    batch_size: int = 128
-    # Number of optimizer steps.
-    num_steps: int = 800
-    # Peak Adam learning rate (linear warm-up, then cosine decay).
-    learning_rate: float = 3e-3
-    # Steps of linear learning-rate warm-up.
-    warmup_steps: int = 100
+    seed: int = option(
+        0,
+        "Seed of parameter initialisation and of the order training batches are drawn in.",
+        parse=non_negative_int,
+    )
+    batch_size: int = option(
+        128,
+        "Global batch, split over all devices (must be divisible by their count).",
+        parse=positive_int,
+    )
+    num_steps: int = option(800, "Number of optimizer steps.", parse=positive_int)
+    learning_rate: float = option(
+        3e-3, "Peak Adam learning rate (linear warm-up, then cosine decay).", parse=positive_float
+    )
+    warmup_steps: int = option(
+        100, "Steps of linear learning-rate warm-up.", parse=non_negative_int
+    )
 
     # --- gradient clipping ------------------------------------------------------------------
-    # none | global | adaptive | adaptive-per-module | autoclip | zclip.
-    clip: str = "adaptive"
-    # Threshold of --clip global.
-    max_norm: float = 1.0
-    # Adaptive: number of past gradient norms the threshold is computed from.
-    window: int = 32
-    # Adaptive: clip when the norm exceeds mean + num_std * std of the window.
-    num_std: float = 1.0
-    # Adaptive: norms needed before the adaptive threshold is trusted (library default if unset).
-    min_history: int | None = None
-    # Adaptive: fixed threshold applied while the history is too short (none if unset).
-    warmup_max_norm: float | None = None
-    # Adaptive: which norm enters the history, "raw" or "clipped".
-    record: str = "raw"
-    # Adaptive: what to do with a non-finite gradient norm.
-    nonfinite: str = "impute"
+    clip: str = option(
+        "adaptive",
+        "Gradient clipping in front of Adam; autoclip and zclip run at the library's defaults.",
+        choices=CLIP_MODES,
+    )
+    max_norm: float = option(
+        1.0, "Constant threshold of the global norm.", parse=positive_float, clip=("global",)
+    )
+    window: int = option(
+        32,
+        "Number of past gradient norms the threshold is computed from.",
+        parse=int_at_least(2),
+        clip=ADAPTIVE_MODES,
+    )
+    num_std: float = option(
+        1.0,
+        "Clip when the norm exceeds mean + num_std * std of the window.",
+        parse=non_negative_float,
+        clip=ADAPTIVE_MODES,
+    )
+    min_history: int | None = option(
+        None,
+        "Norms needed before the adaptive threshold is trusted, at most --window "
+        "(library default if unset).",
+        parse=int_at_least(2),
+        clip=ADAPTIVE_MODES,
+    )
+    warmup_max_norm: float | None = option(
+        None,
+        "Fixed threshold applied while the history is too short (none if unset).",
+        parse=positive_float,
+        clip=ADAPTIVE_MODES,
+    )
+    record: str = option(
+        "raw",
+        "Which norm enters the history: the raw one, or the one after clipping.",
+        choices=("raw", "clipped"),
+        clip=ADAPTIVE_MODES,
+    )
+    nonfinite: str = option(
+        "impute",
+        "What to do with a non-finite gradient norm.",
+        choices=("impute", "zero", "propagate"),
+        clip=ADAPTIVE_MODES,
+    )
 
     # --- loop and outputs -------------------------------------------------------------------
-    # Directory for metrics.jsonl, eval.jsonl, summary.json and the plots.
-    out: str = "runs/seq2seq"
-    # Evaluate on the held-out set every this many steps (and at the end).
-    eval_every: int = 100
-    # Copy device metrics to the host and refresh the progress bar every this many steps.
-    log_every: int = 50
-    # Sentences per greedy-decoding call (rounded up to a multiple of the device count).
-    eval_batch_size: int = 1_000
-    # Sample translations printed at each evaluation.
-    num_samples: int = 3
-    # Orbax checkpoint directory; unset: no checkpoints.
-    checkpoint_dir: str | None = None
-    # Save a checkpoint every this many steps (and at the end).
-    checkpoint_every: int = 200
-    # Continue from the newest checkpoint in --checkpoint-dir.
-    resume: bool = False
-    # Stop after this step (at least 1) as if interrupted, to exercise --resume; unset: run on.
-    stop_at: int | None = None
-    # Comma-separated clip modes to train one after another and draw together.
-    compare: str | None = None
-    # Tiny configuration for tests: finishes in seconds.
-    smoke: bool = False
-    # Hide the progress bar.
-    quiet: bool = False
+    out: str = option(
+        "runs/seq2seq", "Directory for metrics.jsonl, eval.jsonl, summary.json and the plots."
+    )
+    eval_every: int = option(
+        100,
+        "Evaluate on the held-out set every this many steps (and at the end).",
+        parse=positive_int,
+    )
+    log_every: int = option(
+        50,
+        "Copy device metrics to the host and refresh the progress bar every this many steps.",
+        parse=positive_int,
+    )
+    eval_batch_size: int = option(
+        1_000,
+        "Sentences per greedy-decoding call (rounded up to a multiple of the device count).",
+        parse=positive_int,
+    )
+    num_samples: int = option(
+        3, "Sample translations printed at each evaluation.", parse=non_negative_int
+    )
+    checkpoint_dir: str | None = option(None, "Orbax checkpoint directory; unset: no checkpoints.")
+    checkpoint_every: int = option(
+        200, "Save a checkpoint every this many steps (and at the end).", parse=positive_int
+    )
+    resume: bool = option(
+        False,
+        "Continue from the newest checkpoint in --checkpoint-dir; every flag that changes "
+        "what is trained must be as in the checkpointed run.",
+    )
+    stop_at: int | None = option(
+        None,
+        "Stop after this step as if interrupted, to exercise --resume; unset: run on.",
+        parse=positive_int,
+    )
+    compare: str | None = option(
+        None,
+        "Comma-separated clip modes to train one after another and draw together.",
+        parse=_compare_flag,
+    )
+    smoke: bool = option(False, "Tiny configuration for tests: finishes in seconds.")
+    quiet: bool = option(False, "Hide the progress bar.")
 
 
 def smoke_overrides() -> dict[str, object]:
@@ -137,15 +277,16 @@ def _flag_type(annotation: object) -> tuple[type, bool]:
     return annotation, False  # type: ignore[return-value]
 
 
-def positive_step(text: str) -> int:
-    """A step count of at least 1: ``--stop-at 0`` would train nothing and draw empty figures."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def help_text(field: dataclasses.Field) -> str:
+    """The field's help, the ``--clip`` modes it is limited to, and its default."""
+    text = field.metadata["help"]
+    if field.metadata["clip"]:
+        text += f" Only for --clip {' and '.join(field.metadata['clip'])}."
+    return f"{text} (default: {field.default!r})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,26 +297,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
         value_type, _ = _flag_type(hints[field.name])
-        help_text = f"default: {field.default!r}"
+        options: dict[str, Any] = {"help": help_text(field)}
         if value_type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif field.name == "clip":
-            parser.add_argument(flag, choices=CLIP_MODES, help=help_text)
-        elif field.name == "cell":
-            parser.add_argument(flag, choices=("gru", "rnn"), help=help_text)
-        elif field.name == "stop_at":
-            parser.add_argument(flag, type=positive_step, help=help_text)
+            options["action"] = argparse.BooleanOptionalAction
+        elif field.metadata["choices"]:
+            options["choices"] = field.metadata["choices"]
         else:
-            parser.add_argument(flag, type=value_type, help=help_text)
+            options["type"] = field.metadata["parse"] or value_type
+        parser.add_argument(flag_name(field.name), **options)
     return parser
+
+
+def config_errors(config: Config) -> list[str]:
+    """What is wrong with a combination of flags, found before any data is generated."""
+    errors = []
+    if config.min_history is not None and config.min_history > config.window:
+        errors.append(f"--min-history {config.min_history} exceeds --window {config.window}")
+    population = config.number_max - config.number_min + 1
+    if config.data is None and config.train_size + config.test_size > population:
+        errors.append(
+            f"--train-size + --test-size = {config.train_size + config.test_size} exceeds the "
+            f"{max(population, 0)} numbers in [--number-min, --number-max]"
+        )
+    if config.resume and config.checkpoint_dir is None:
+        errors.append("--resume needs --checkpoint-dir: the directory to resume from")
+    return errors
+
+
+def config_warnings(config: Config, given: Sequence[str]) -> list[str]:
+    """Flags the user gave that will have no effect."""
+    warnings = []
+    if config.stop_at is not None and config.checkpoint_dir is None:
+        warnings.append("--stop-at without --checkpoint-dir: nothing is saved to --resume from")
+    modes = compare_modes(config.compare) if config.compare else [config.clip]
+    for field in dataclasses.fields(Config):
+        used_by = field.metadata["clip"]
+        if field.name in given and used_by and not set(modes) & set(used_by):
+            warnings.append(
+                f"{flag_name(field.name)} has no effect with --clip {', '.join(modes)} "
+                f"(it applies to --clip {' and '.join(used_by)} only)"
+            )
+    return warnings
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     """Defaults, then ``--smoke`` overrides if asked for, then the flags the user gave."""
-    given = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
     config = Config()
     if given.get("smoke", False):
         config = dataclasses.replace(config, **smoke_overrides())
-    return dataclasses.replace(config, **given)
+    config = dataclasses.replace(config, **given)
+    errors = config_errors(config)
+    if errors:
+        parser.error("; ".join(errors))
+    for warning in config_warnings(config, list(given)):
+        print(f"warning: {warning}", file=sys.stderr)
+    return config

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from examples.seq2seq import data as data_lib
 from examples.seq2seq import plots, train
-from examples.seq2seq.config import CLIP_MODES, Config, parse_config
+from examples.seq2seq.config import Config, compare_modes, parse_config
 
 
 def run_one(config: Config, dataset: data_lib.Dataset, started: float) -> dict:
@@ -60,10 +60,7 @@ def compare_table(summaries: dict[str, dict]) -> str:
 
 def run_compare(config: Config, dataset: data_lib.Dataset) -> dict[str, dict]:
     """Train each mode of ``--compare`` with the same seed and data, then draw them together."""
-    modes = [mode.strip() for mode in (config.compare or "").split(",") if mode.strip()]
-    unknown = [mode for mode in modes if mode not in CLIP_MODES]
-    if unknown or not modes:
-        raise SystemExit(f"--compare: unknown clip modes {unknown}; choose from {CLIP_MODES}")
+    modes = compare_modes(config.compare or "")  # checked when the flags were parsed
     out_dir = Path(config.out)
     summaries = {}
     for mode in modes:
@@ -83,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Parse flags, build the data, train; returns the summary (one per mode with --compare)."""
     started = time.perf_counter()
     config = parse_config(argv)
+    train.check_device_count(config)  # before the data, which can take a while to generate
     dataset = data_lib.load_dataset(config)
     print("data:", json.dumps(dataset.info))
     if config.compare:

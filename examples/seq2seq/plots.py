@@ -173,7 +173,17 @@ def plot_runs(
     return paths
 
 
-if __name__ == "__main__":
-    for run_dir in sys.argv[1:]:
+def main(run_dirs: Sequence[str]) -> None:
+    """Redraw the figures of each run directory in place."""
+    for run_dir in run_dirs:
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            raise SystemExit(
+                f"{run_dir}: no metrics.jsonl, so not the output directory of a run (of a "
+                "--compare, pass the directory of each mode)"
+            )
         for path in plot_runs({Path(run_dir).name: run_dir}, run_dir):
             print(path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -27,11 +27,30 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from examples.seq2seq import data as data_lib
-from examples.seq2seq.config import Config
+from examples.seq2seq.config import Config, flag_name
 from examples.seq2seq.model import Seq2Seq, masked_cross_entropy
 
 PyTree = Any
 MODULE_LABELS = ("encoder", "decoder")
+# Flags that may differ between an interrupted run and its resumption: they say where the
+# outputs go and how often to log, evaluate and save, not what is trained. --smoke and
+# --compare only choose other fields' values, which are compared themselves.
+MAY_CHANGE_ON_RESUME = frozenset(
+    {
+        "out",
+        "resume",
+        "stop_at",
+        "quiet",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "num_samples",
+        "eval_batch_size",
+        "checkpoint_dir",
+        "smoke",
+        "compare",
+    }
+)
 
 
 # --- optimizer -------------------------------------------------------------------------------
@@ -214,23 +233,45 @@ def save_checkpoint(manager, step: int, state: dict, meta: dict) -> None:
     )
 
 
-def restore_checkpoint(manager, state: dict) -> tuple[dict, dict] | None:
-    """Newest checkpoint restored onto the shapes and shardings of ``state``, if any."""
+def checkpoint_meta(manager) -> dict | None:
+    """The meta (step, seed, clip steps, config) of the newest checkpoint, if any.
+
+    Read on its own, so that flags can be checked before the state is restored: a state
+    of another structure (another --clip) fails to restore with an orbax tree dump.
+    """
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
     if step is None:
         return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_checkpoint(manager, step: int, state: dict) -> dict:
+    """Checkpoint ``step`` restored onto the shapes and shardings of ``state``."""
+    import orbax.checkpoint as ocp
+
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
     restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        ),
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )
-    return restored["state"], restored["meta"]
+    return restored["state"]
+
+
+def resume_mismatches(config: Config, meta: dict) -> list[str]:
+    """The run-defining flags ``config`` gives other values than the checkpointed run had.
+
+    A checkpoint from before the config was saved holds only the seed to compare.
+    """
+    saved = meta.get("config") or {"seed": meta.get("seed", config.seed)}
+    now = dataclasses.asdict(config)
+    return [
+        f"{flag_name(name)} {saved[name]!r} in the checkpoint, {now[name]!r} now"
+        for name in sorted((saved.keys() & now.keys()) - MAY_CHANGE_ON_RESUME)
+        if saved[name] != now[name]
+    ]
 
 
 # --- metrics files -----------------------------------------------------------------------------
@@ -306,19 +347,38 @@ def build_model(config: Config, dataset: data_lib.Dataset) -> Seq2Seq:
     )
 
 
+def check_device_count(config: Config) -> int:
+    """The number of devices, which must divide the batch: each gets an equal share."""
+    device_count = jax.device_count()
+    if config.batch_size % device_count:
+        raise SystemExit(
+            f"--batch-size {config.batch_size} is not divisible by the {device_count} devices"
+        )
+    return device_count
+
+
 def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float) -> dict:
     """Train as ``config`` says, write the metrics files and return the summary.
 
     ``started`` is the ``time.perf_counter()`` the wall time is measured from.
     """
-    device_count = jax.device_count()
-    if config.batch_size % device_count:
-        raise ValueError(
-            f"--batch-size {config.batch_size} is not divisible by the {device_count} devices"
-        )
+    device_count = check_device_count(config)
     eval_batch_size = -(-config.eval_batch_size // device_count) * device_count
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    manager = make_checkpoint_manager(config)
+    resumed = None  # meta of the checkpoint this run resumes from
+    if manager is not None and config.resume:
+        resumed = checkpoint_meta(manager)
+        if resumed is None:
+            tqdm.write(f"no checkpoint in {config.checkpoint_dir}: starting from step 0")
+        elif mismatches := resume_mismatches(config, resumed):
+            manager.close()
+            raise SystemExit(
+                f"--resume: the checkpoint in {config.checkpoint_dir} was made with other "
+                "flags:\n  " + "\n  ".join(mismatches) + "\nGive the checkpointed run's "
+                "values, or start a new run in another --checkpoint-dir."
+            )
 
     def new_model() -> Seq2Seq:
         return build_model(config, dataset)
@@ -348,14 +408,11 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
     def is_eval_step(completed: int) -> bool:
         return completed % config.eval_every == 0 or completed == config.num_steps
 
-    manager = make_checkpoint_manager(config)
-    restored = None
-    if manager is not None and config.resume:
-        restored = restore_checkpoint(manager, {"params": params, "opt_state": opt_state})
-    if restored is not None:
-        state, meta = restored
+    if resumed is not None:
+        state = {"params": params, "opt_state": opt_state}
+        state = restore_checkpoint(manager, int(resumed["step"]), state)
         params, opt_state = state["params"], state["opt_state"]
-        start_step, clip_steps = int(meta["step"]), int(meta["clip_steps"])
+        start_step, clip_steps = int(resumed["step"]), int(resumed["clip_steps"])
         kept_rows = truncate_jsonl(metrics_path, lambda row: row["step"] < start_step)
         # An evaluation made only because a run stopped at this step (--stop-at between two
         # evaluations) goes, unless this run ends there too: eval.jsonl then ends as an
@@ -450,7 +507,9 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
             run_eval(completed)
         if do_save:
             meta = {"step": completed, "seed": config.seed, "clip_steps": clip_steps}
+            meta["config"] = dataclasses.asdict(config)  # what --resume checks its flags against
             save_checkpoint(manager, completed, {"params": params, "opt_state": opt_state}, meta)
+            window_start = time.perf_counter()  # saving is not step time
     progress.close()
     if manager is not None:
         manager.wait_until_finished()
