@@ -11,7 +11,8 @@ Internally a norm is carried as ``mantissa / inv_unit`` where ``inv_unit`` is
 that power of two (1 on the fast path), so that updates whose norm lies beyond
 float32's range can still be scaled exactly to a threshold. Float64 entries
 beyond float32's range count as float32's largest value, and are scaled from it when
-an update is clipped, so that the clipped norm is the threshold.
+an update is clipped, so that the clipped norm is the threshold (among such entries
+the direction is not kept).
 """
 
 from __future__ import annotations
@@ -163,7 +164,6 @@ _MIN_EXPONENT, _MAX_EXPONENT = -125, 128
 _BLOCK = 4096
 # Leaves per loop of the careful pass (see _careful_norm).
 _LEAVES_PER_LOOP = 64
-_MAX_INT32 = int(np.iinfo(np.int32).max)
 
 # Reads one block of a leaf: a row index to the float32 magnitudes of its (imputed)
 # entries and whether each was NaN or inf, zero-padded to _BLOCK entries.
@@ -196,7 +196,7 @@ def _block_readers(leaves: list[jax.Array]) -> tuple[list[_BlockReader], np.ndar
             def read_row(
                 row: jax.Array, flat: jax.Array = flat, num_rows: int = num_rows
             ) -> tuple[jax.Array, jax.Array]:
-                if flat.shape[0] <= _MAX_INT32:
+                if flat.shape[0] <= _checks.INT32_MAX:
                     # A dynamic slice of the flat leaf: a static slice to whole rows
                     # first is copied out for bfloat16 leaves on XLA:CPU.
                     start = row * _BLOCK

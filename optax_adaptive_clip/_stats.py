@@ -116,7 +116,8 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
       opt_state: an optimizer state holding any number of clipper states.
 
     Returns:
-      A flat ``dict`` from names to scalar arrays; empty if there is no clipper.
+      A flat ``dict`` from names to scalar arrays (arrays over the leading axes of
+      states stacked by ``lax.scan`` or ``vmap``); empty if there is no clipper.
 
     Example:
       >>> import jax.numpy as jnp
