@@ -290,9 +290,17 @@ def test_resume_compares_the_run_defining_flags_only():
     saved = config_lib.Config(out="a", checkpoint_dir="ck", log_every=5)
     meta = {"step": 10, "seed": 0, "clip_steps": 1, "config": dataclasses.asdict(saved)}
     same_run = dataclasses.replace(
-        saved, out="b", checkpoint_dir="ck2", log_every=7, eval_every=3, stop_at=20, quiet=True
+        saved, checkpoint_dir="ck2", log_every=7, eval_every=3, stop_at=20, quiet=True
     )
     assert train.resume_mismatches(same_run, meta) == []
+    # The resumed run continues the logs in --out, so they must be the checkpointed run's.
+    assert train.resume_mismatches(dataclasses.replace(saved, out="b"), meta) == [
+        "--out 'a' in the checkpoint, 'b' now"
+    ]
+    # Flags the --clip mode ignores are not compared.
+    global_run = dataclasses.replace(saved, clip="global")
+    global_meta = {**meta, "config": dataclasses.asdict(global_run)}
+    assert train.resume_mismatches(dataclasses.replace(global_run, window=8), global_meta) == []
     other = dataclasses.replace(saved, seed=7, num_steps=900, clip="global", quiet=True)
     assert train.resume_mismatches(other, meta) == [
         "--clip 'adaptive' in the checkpoint, 'global' now",
@@ -310,7 +318,9 @@ def test_plots_of_a_directory_without_metrics_is_a_clear_error(tmp_path):
     from examples.seq2seq import plots
 
     (tmp_path / "global").mkdir()
-    for run_dir in (tmp_path, tmp_path / "missing"):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    for run_dir in (tmp_path, tmp_path / "missing", tmp_path / "empty"):
         with pytest.raises(SystemExit, match=r"no metrics\.jsonl"):
             plots.main([str(run_dir)])
     assert not (tmp_path / "loss.png").exists()
@@ -508,9 +518,15 @@ def test_resume_refuses_other_flags_and_says_when_there_is_no_checkpoint(tmp_pat
             assert message in str(refused.value), extra
         assert (out / "metrics.jsonl").read_text() == logged  # the run's logs are kept
 
-    capsys.readouterr()
+    # A mistyped --checkpoint-dir: starting over would overwrite the run's logs.
     empty = tmp_path / "empty"
-    summary = main.main([*args, "--checkpoint-dir", str(empty), "--resume", "--stop-at", "3"])
+    with pytest.raises(SystemExit, match=f"no checkpoint in {empty}, but {out} holds"):
+        main.main([*args, "--checkpoint-dir", str(empty), "--resume"])
+    assert (out / "metrics.jsonl").read_text() == logged
+
+    capsys.readouterr()
+    fresh = [*args, "--out", str(tmp_path / "fresh"), "--checkpoint-dir", str(empty)]
+    summary = main.main([*fresh, "--resume", "--stop-at", "3"])
     assert f"no checkpoint in {empty}: starting from step 0" in capsys.readouterr().out
     assert summary["steps"] == 3
 

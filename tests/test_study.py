@@ -154,6 +154,10 @@ def test_resume_reuses_only_conditions_made_with_the_same_setup(tmp_path, fake_t
         study.main([*base, *extra, "--resume"])
         assert [name for name, *_ in fake_training] == ["baseline", "spikes"]
     assert fake_training[0] == ("baseline", ("none",), (0, 1, 2))
+    # Other seeds alone: trained again too (the saved rows are those of the old seeds).
+    fake_training.clear()
+    study.main([*base, "--clippers", "none", "--seeds", "2", "--resume"])
+    assert fake_training == [("baseline", ("none",), (0, 1)), ("spikes", ("none",), (0, 1))]
 
 
 def test_resume_retrains_a_cache_without_its_setup(tmp_path, fake_training, capsys):

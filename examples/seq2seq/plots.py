@@ -176,10 +176,11 @@ def plot_runs(
 def main(run_dirs: Sequence[str]) -> None:
     """Redraw the figures of each run directory in place."""
     for run_dir in run_dirs:
-        if not (Path(run_dir) / "metrics.jsonl").is_file():
+        metrics = Path(run_dir) / "metrics.jsonl"
+        if not metrics.is_file() or not metrics.stat().st_size:
             raise SystemExit(
-                f"{run_dir}: no metrics.jsonl, so not the output directory of a run (of a "
-                "--compare, pass the directory of each mode)"
+                f"{run_dir}: no metrics.jsonl, or an empty one, so not the output directory of "
+                "a run (of a --compare, pass the directory of each mode)"
             )
         for path in plot_runs({Path(run_dir).name: run_dir}, run_dir):
             print(path)

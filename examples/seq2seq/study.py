@@ -405,7 +405,8 @@ SETUP_KEY = "setup"  # clippers' arrays are stored as "clipper/name", so this ca
 def condition_setup(
     condition: Condition, config: Config, seeds: Sequence[int], clippers: Sequence[str]
 ) -> dict:
-    """Everything a condition's results depend on, as it reads back from the cache's JSON.
+    """What a condition's results depend on that the flags set (not the library or JAX
+    versions), as it reads back from the cache's JSON.
 
     Seeds and clippers count as whole lists: they set how many rows the compiled program
     vmaps over, which changes the last bits of every run: a clipper trained alone would not

@@ -32,12 +32,12 @@ from examples.seq2seq.model import Seq2Seq, masked_cross_entropy
 
 PyTree = Any
 MODULE_LABELS = ("encoder", "decoder")
-# Flags that may differ between an interrupted run and its resumption: they say where the
-# outputs go and how often to log, evaluate and save, not what is trained. --smoke and
-# --compare only choose other fields' values, which are compared themselves.
+# Flags that may differ between an interrupted run and its resumption: they say how often to
+# log, evaluate and save, not what is trained. (--out may not: the resumed run continues the
+# logs found there.) --smoke and --compare only choose other fields' values, which are
+# compared themselves.
 MAY_CHANGE_ON_RESUME = frozenset(
     {
-        "out",
         "resume",
         "stop_at",
         "quiet",
@@ -263,14 +263,16 @@ def restore_checkpoint(manager, step: int, state: dict) -> dict:
 def resume_mismatches(config: Config, meta: dict) -> list[str]:
     """The run-defining flags ``config`` gives other values than the checkpointed run had.
 
-    A checkpoint from before the config was saved holds only the seed to compare.
+    Flags the run's ``--clip`` mode ignores are not compared. A checkpoint from before the
+    config was saved holds only the seed to compare.
     """
     saved = meta.get("config") or {"seed": meta.get("seed", config.seed)}
     now = dataclasses.asdict(config)
+    clip_modes = {field.name: field.metadata["clip"] for field in dataclasses.fields(Config)}
     return [
         f"{flag_name(name)} {saved[name]!r} in the checkpoint, {now[name]!r} now"
         for name in sorted((saved.keys() & now.keys()) - MAY_CHANGE_ON_RESUME)
-        if saved[name] != now[name]
+        if saved[name] != now[name] and (not clip_modes[name] or config.clip in clip_modes[name])
     ]
 
 
@@ -370,6 +372,15 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
     resumed = None  # meta of the checkpoint this run resumes from
     if manager is not None and config.resume:
         resumed = checkpoint_meta(manager)
+        logged = out_dir / "metrics.jsonl"
+        if resumed is None and logged.exists() and logged.stat().st_size:
+            # Starting over would overwrite the logs of the run that was meant to go on
+            # (a mistyped --checkpoint-dir, say).
+            manager.close()
+            raise SystemExit(
+                f"--resume: no checkpoint in {config.checkpoint_dir}, but {out_dir} holds a "
+                "run's logs; give that run's --checkpoint-dir, or another --out to start anew."
+            )
         if resumed is None:
             tqdm.write(f"no checkpoint in {config.checkpoint_dir}: starting from step 0")
         elif mismatches := resume_mismatches(config, resumed):
