@@ -461,11 +461,10 @@ def apply_threshold(
     # enough products: the ratio alone may leave float32's range. The divisor is
     # never 0 where it is used: there the norm exceeds a threshold >= 0.
     mantissa = jnp.where(clipped, parts.mantissa, 1.0)
-    ratio = threshold / mantissa
     # On the fast path the mantissa is the norm itself (inv_unit is 1), and a threshold
     # far below it gives a ratio under float32's normal range, which CPUs flush to 0.
     # Then the norm's power of two moves into the first product, as on the careful path.
-    shift = jnp.where(ratio < _FLOAT32_TINY, inverse_unit(mantissa), 1.0)
+    shift = jnp.where(threshold < _FLOAT32_TINY * mantissa, inverse_unit(mantissa), 1.0)
     inv_unit = parts.inv_unit * shift
     ratio = threshold / (mantissa * shift)
 

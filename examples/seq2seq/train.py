@@ -234,7 +234,8 @@ def save_checkpoint(manager, step: int, state: dict, meta: dict) -> None:
 
 
 def checkpoint_meta(manager) -> dict | None:
-    """The meta (step, seed, clip steps, config) of the newest checkpoint, if any.
+    """The meta of the newest checkpoint, if any: step, clip steps and config (a seed in
+    checkpoints written before the config was saved).
 
     Read on its own, so that flags can be checked before the state is restored: a state
     of another structure (another --clip) fails to restore with an orbax tree dump.
@@ -517,8 +518,12 @@ def train_and_evaluate(config: Config, dataset: data_lib.Dataset, started: float
         if do_eval:
             run_eval(completed)
         if do_save:
-            meta = {"step": completed, "seed": config.seed, "clip_steps": clip_steps}
-            meta["config"] = dataclasses.asdict(config)  # what --resume checks its flags against
+            # The config is what --resume checks its flags against.
+            meta = {
+                "step": completed,
+                "clip_steps": clip_steps,
+                "config": dataclasses.asdict(config),
+            }
             save_checkpoint(manager, completed, {"params": params, "opt_state": opt_state}, meta)
             window_start = time.perf_counter()  # saving is not step time
     progress.close()
