@@ -249,6 +249,16 @@ def test_bad_flags_are_rejected_before_any_data_is_made(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_min_history_beyond_window_is_only_an_error_for_modes_that_use_them(capsys):
+    # It used to stop a --clip global run, which ignores both flags (and warns so).
+    config = config_lib.parse_config(["--clip", "global", "--min-history", "40"])
+    assert config.min_history == 40
+    assert "--min-history has no effect with --clip global" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(["--compare", "global,adaptive", "--min-history", "40"])
+    assert "--min-history 40 exceeds --window 32" in capsys.readouterr().err
+
+
 def test_record_and_nonfinite_choices_are_the_librarys():
     from optax_adaptive_clip import _clipping, _norms
 

@@ -309,10 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def clip_modes(config: Config) -> list[str]:
+    """The clip modes a run trains: those of ``--compare`` if given, else ``--clip``."""
+    return compare_modes(config.compare) if config.compare else [config.clip]
+
+
 def config_errors(config: Config) -> list[str]:
     """What is wrong with a combination of flags, found before any data is generated."""
     errors = []
-    if config.min_history is not None and config.min_history > config.window:
+    uses_history = bool(set(clip_modes(config)) & set(ADAPTIVE_MODES))
+    if uses_history and config.min_history is not None and config.min_history > config.window:
         errors.append(f"--min-history {config.min_history} exceeds --window {config.window}")
     population = config.number_max - config.number_min + 1
     if config.data is None and config.train_size + config.test_size > population:
@@ -330,7 +336,7 @@ def config_warnings(config: Config, given: Sequence[str]) -> list[str]:
     warnings = []
     if config.stop_at is not None and config.checkpoint_dir is None:
         warnings.append("--stop-at without --checkpoint-dir: nothing is saved to --resume from")
-    modes = compare_modes(config.compare) if config.compare else [config.clip]
+    modes = clip_modes(config)
     for field in dataclasses.fields(Config):
         used_by = field.metadata["clip"]
         if field.name in given and used_by and not set(modes) & set(used_by):

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from examples.seq2seq import data as data_lib
 from examples.seq2seq import plots, train
-from examples.seq2seq.config import Config, compare_modes, parse_config
+from examples.seq2seq.config import Config, clip_modes, parse_config
 
 
 def run_one(config: Config, dataset: data_lib.Dataset, started: float) -> dict:
@@ -60,7 +60,7 @@ def compare_table(summaries: dict[str, dict]) -> str:
 
 def run_compare(config: Config, dataset: data_lib.Dataset) -> dict[str, dict]:
     """Train each mode of ``--compare`` with the same seed and data, then draw them together."""
-    modes = compare_modes(config.compare or "")  # checked when the flags were parsed
+    modes = clip_modes(config)  # checked when the flags were parsed
     out_dir = Path(config.out)
     summaries = {}
     for mode in modes:
