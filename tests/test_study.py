@@ -160,6 +160,28 @@ def test_resume_reuses_only_conditions_made_with_the_same_setup(tmp_path, fake_t
     assert fake_training == [("baseline", ("none",), (0, 1)), ("spikes", ("none",), (0, 1))]
 
 
+def test_resume_retrains_conditions_made_with_other_package_versions(
+    tmp_path, fake_training, capsys, monkeypatch
+):
+    # A resume after an upgrade used to reuse results computed by the old packages.
+    args = ["--quick", "--out", str(tmp_path), "--conditions", "spikes", "--clippers", "none"]
+    summary = study.main(args)
+    assert summary["versions"] == study.package_versions()
+    assert summary["versions"]["jax"] == jax.__version__
+
+    upgraded = {**study.package_versions(), "jax": "99.0"}
+    monkeypatch.setattr(study, "package_versions", lambda: upgraded)
+    fake_training.clear()
+    capsys.readouterr()
+    study.main([*args, "--resume"])
+    assert [name for name, *_ in fake_training] == ["spikes"]
+    assert f"versions.jax {jax.__version__!r} -> '99.0'" in capsys.readouterr().out
+
+    fake_training.clear()
+    study.main([*args, "--resume"])
+    assert fake_training == []  # made with the "upgraded" versions: reused
+
+
 def test_resume_retrains_a_cache_without_its_setup(tmp_path, fake_training, capsys):
     args = ["--quick", "--out", str(tmp_path), "--conditions", "spikes", "--clippers", "none"]
     study.main(args)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import math
 import sys
@@ -402,11 +403,27 @@ def summarize_run(curves: dict[str, np.ndarray], index: int, config: Config, tar
 SETUP_KEY = "setup"  # clippers' arrays are stored as "clipper/name", so this can't clash
 
 
+# Packages whose upgrade can change a condition's results.
+VERSIONED_PACKAGES = ("optax-adaptive-clip", "jax", "jaxlib", "optax", "flax")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of :data:`VERSIONED_PACKAGES` (``"not installed"`` if absent)."""
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
 def condition_setup(
     condition: Condition, config: Config, seeds: Sequence[int], clippers: Sequence[str]
 ) -> dict:
-    """What a condition's results depend on that the flags set (not the library or JAX
-    versions), as it reads back from the cache's JSON.
+    """What a condition's results depend on, as it reads back from the cache's JSON: the
+    flags, and the versions of the packages that compute it. (A change to the code of an
+    editable install that keeps its version is not seen.)
 
     Seeds and clippers count as whole lists: they set how many rows the compiled program
     vmaps over, which changes the last bits of every run: a clipper trained alone would not
@@ -417,6 +434,7 @@ def condition_setup(
         "config": dataclasses.asdict(config),
         "seeds": list(seeds),
         "clippers": list(clippers),
+        "versions": package_versions(),
     }
     return json.loads(json.dumps(setup))
 
@@ -740,7 +758,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plot_losses(out / "loss_curves.png", all_curves, conditions, clippers)
     stressed = [c for c in conditions if c.spike_prob] or conditions
     plot_norms(out / "clipped_norms.png", all_curves, stressed[0], clippers)
-    summary = {"wall_time_s": wall, "seeds": seeds, "setup": setup, "runs": len(records)}
+    summary = {
+        "wall_time_s": wall,
+        "seeds": seeds,
+        "setup": setup,
+        "runs": len(records),
+        "versions": package_versions(),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table)
     print(f"wall time {wall:.1f} s -> {out}")
