@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -232,6 +233,8 @@ def test_counts_below_one_are_rejected_by_the_parser(flag, capsys):
         (["--nonfinite", "skip"], "argument --nonfinite: invalid choice: 'skip'"),
         (["--compare", "none,sometimes"], "argument --compare: unknown clip modes ['sometimes']"),
         (["--compare", ","], "argument --compare: unknown clip modes"),
+        # Both runs would write the same subdirectory.
+        (["--compare", "adaptive,none,adaptive"], "clip modes ['adaptive'] given more than once"),
         (["--window", "1"], "argument --window: must be an integer >= 2"),
         (["--min-history", "40"], "--min-history 40 exceeds --window 32"),
         (["--smoke", "--min-history", "20"], "--min-history 20 exceeds --window 16"),
@@ -284,6 +287,8 @@ def test_flags_without_effect_are_warned_about(capsys):
     assert "--window has no effect with --clip zclip" in capsys.readouterr().err
     config_lib.parse_config(["--compare", "none,global", "--num-std", "2"])
     assert "--num-std has no effect with --clip none, global" in capsys.readouterr().err
+    config_lib.parse_config(["--clip", "zclip", "--compare", "none,global"])
+    assert "--clip has no effect with --compare" in capsys.readouterr().err
     for args in (
         ["--smoke"],  # --smoke sets --window, but the user did not
         ["--clip", "global", "--max-norm", "0.5"],
@@ -334,6 +339,43 @@ def test_plots_of_a_directory_without_metrics_is_a_clear_error(tmp_path):
         with pytest.raises(SystemExit, match=r"no metrics\.jsonl"):
             plots.main([str(run_dir)])
     assert not (tmp_path / "loss.png").exists()
+    with pytest.raises(SystemExit, match="usage"):  # it used to do nothing and exit 0
+        plots.main([])
+
+
+def test_an_unusable_data_file_is_an_error_naming_the_flag(tmp_path):
+    # It used to end in a traceback of data.DataError.
+    from examples.seq2seq import main
+
+    (tmp_path / "empty.tsv").write_text("")
+    for path in (tmp_path / "missing.tsv", tmp_path / "empty.tsv"):
+        with pytest.raises(SystemExit, match=re.escape(f"error: --data {path}: ")):
+            main.main(["--smoke", "--quiet", "--data", str(path), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # It used to call the library's global_norm() as a clipper, after making the data.
+        (["--modes", "none,global_norm"], "argument --modes: unknown clip modes ['global_norm']"),
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ],
+)
+def test_time_clipping_checks_its_flags(args, message, capsys):
+    from examples.seq2seq import time_clipping
+
+    with pytest.raises(SystemExit):
+        time_clipping.main(args)
+    assert message in capsys.readouterr().err
+
+
+def test_make_clipper_accepts_only_clip_modes():
+    from examples.seq2seq import train
+
+    assert train.make_clipper(config_lib.Config(clip="zclip")) is not None
+    with pytest.raises(ValueError, match="--clip 'global_norm': choose from none, global"):
+        train.make_clipper(config_lib.Config(clip="global_norm"))
 
 
 def test_compare_table_shows_null_metrics_as_not_available():

@@ -35,6 +35,29 @@ def test_clipper_names_parse():
         study.make_clip("adaptive:record")
     with pytest.raises(SystemExit):
         study.make_clip("bogus")
+    # Unknown options and values out of range used to end in tracebacks.
+    with pytest.raises(SystemExit, match=r"clipper 'adaptive:bogus=1': .*'bogus'"):
+        study.make_clip("adaptive:bogus=1")
+    with pytest.raises(SystemExit, match="clipper 'zclip:alpha=2': `alpha`"):
+        study.make_clip("zclip:alpha=2")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # --seeds 0 trained nothing and crashed drawing; --steps 0 failed inside optax.
+        (["--seeds", "0"], "argument --seeds: must be an integer >= 1, got 0"),
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--spike-prob", "2"], "argument --spike-prob: must be a number in [0, 1], got '2'"),
+        (["--noise-prob", "-0.1"], "argument --noise-prob: must be a finite number >= 0"),
+        (["--spike-scale", "0"], "argument --spike-scale: must be a finite number > 0"),
+        (["--high-lr-scale", "nan"], "argument --high-lr-scale: must be a finite number > 0"),
+    ],
+)
+def test_bad_flags_are_rejected_by_the_parser(args, message, capsys):
+    with pytest.raises(SystemExit):
+        study.build_parser().parse_args(args)
+    assert message in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,14 @@ def non_negative_float(text: str) -> float:
     return _finite_float(text, 0.0, inclusive=True)
 
 
+def probability(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _finite_float(text, 0.0, inclusive=True)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
 def compare_modes(text: str) -> list[str]:
     """The clip modes of ``--compare`` (comma-separated), checked."""
     modes = [mode.strip() for mode in text.split(",") if mode.strip()]
@@ -70,6 +78,10 @@ def compare_modes(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"unknown clip modes {unknown or [text]}; choose from {', '.join(CLIP_MODES)}"
         )
+    repeated = sorted({mode for mode in modes if modes.count(mode) > 1})
+    if repeated:
+        # Each mode trains into a directory of its own name.
+        raise argparse.ArgumentTypeError(f"clip modes {repeated} given more than once")
     return modes
 
 
@@ -336,6 +348,8 @@ def config_warnings(config: Config, given: Sequence[str]) -> list[str]:
     warnings = []
     if config.stop_at is not None and config.checkpoint_dir is None:
         warnings.append("--stop-at without --checkpoint-dir: nothing is saved to --resume from")
+    if config.compare and "clip" in given:
+        warnings.append("--clip has no effect with --compare, which trains each of its modes")
     modes = clip_modes(config)
     for field in dataclasses.fields(Config):
         used_by = field.metadata["clip"]

@@ -81,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
     config = parse_config(argv)
     train.check_device_count(config)  # before the data, which can take a while to generate
-    dataset = data_lib.load_dataset(config)
+    try:
+        dataset = data_lib.load_dataset(config)
+    except data_lib.DataError as error:
+        raise SystemExit(f"error: --data {config.data}: {error}") from None
     print("data:", json.dumps(dataset.info))
     if config.compare:
         return run_compare(config, dataset)

@@ -175,6 +175,8 @@ def plot_runs(
 
 def main(run_dirs: Sequence[str]) -> None:
     """Redraw the figures of each run directory in place."""
+    if not run_dirs:
+        raise SystemExit("usage: python examples/seq2seq/plots.py RUN_DIR [RUN_DIR ...]")
     for run_dir in run_dirs:
         metrics = Path(run_dir) / "metrics.jsonl"
         if not metrics.is_file() or not metrics.stat().st_size:

@@ -58,7 +58,7 @@ from flax import nnx
 
 from examples.seq2seq import data as data_lib
 from examples.seq2seq import plots
-from examples.seq2seq.config import Config
+from examples.seq2seq.config import Config, positive_float, positive_int, probability
 from examples.seq2seq.model import Seq2Seq, masked_cross_entropy
 
 PyTree = Any
@@ -179,7 +179,10 @@ def make_clip(name: str) -> optax.GradientTransformation:
             "optionally followed by :option=value"
         )
     options = {key: _option_value(value) for key, value in (x.split("=", 1) for x in settings)}
-    return factories[base](**options)
+    try:
+        return factories[base](**options)
+    except (TypeError, ValueError) as error:  # an unknown option, or a value out of range
+        raise SystemExit(f"clipper {name!r}: {error}") from None
 
 
 # --- programs --------------------------------------------------------------------------------
@@ -622,14 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/seq2seq_study", help="output directory")
     parser.add_argument("--quick", action="store_true", help="2 seeds, tiny model, short runs")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (5; quick 2)")
-    parser.add_argument("--steps", type=int, default=None, help="override the training steps")
+    parser.add_argument(
+        "--seeds", type=positive_int, default=None, help="seeds per cell (5; quick 2)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="override the training steps"
+    )
     parser.add_argument("--conditions", default=",".join(DEFAULT_CONDITIONS))
     parser.add_argument("--clippers", default=",".join(DEFAULT_CLIPPERS))
-    parser.add_argument("--high-lr-scale", type=float, default=20.0)
-    parser.add_argument("--spike-prob", type=float, default=0.03)
-    parser.add_argument("--spike-scale", type=float, default=1e4)
-    parser.add_argument("--noise-prob", type=float, default=0.05)
+    parser.add_argument("--high-lr-scale", type=positive_float, default=20.0)
+    parser.add_argument("--spike-prob", type=probability, default=0.03)
+    parser.add_argument("--spike-scale", type=positive_float, default=1e4)
+    parser.add_argument("--noise-prob", type=probability, default=0.05)
     parser.add_argument(
         "--resume",
         action="store_true",

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -27,23 +28,28 @@ from flax import nnx
 
 from examples.seq2seq import data as data_lib
 from examples.seq2seq import train
-from examples.seq2seq.config import Config
+from examples.seq2seq.config import CLIP_MODES, Config, compare_modes, positive_int
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="none,adaptive")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--train-size", type=int, default=2_000)
+    parser.add_argument(
+        "--modes",
+        type=compare_modes,
+        default="none,adaptive",
+        help=f"comma-separated --clip modes to time, from {', '.join(CLIP_MODES)}",
+    )
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds per mode")
+    parser.add_argument("--steps", type=positive_int, default=20, help="steps per round")
+    parser.add_argument("--train-size", type=positive_int, default=2_000, help="training pairs")
     parser.add_argument("--out", default=None, help="optional JSON file for the results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     base = dataclasses.replace(Config(), train_size=args.train_size, test_size=10)
     dataset = data_lib.load_dataset(base)
     batch_sharding = None
     runners = {}
-    for mode in args.modes.split(","):
+    for mode in args.modes:
         config = dataclasses.replace(base, clip=mode)
         model = train.build_model(config, dataset)
         graphdef, param_state = nnx.split(model, nnx.Param)
