@@ -33,6 +33,8 @@ def push(
       >>> history_push(jnp.array([1.0, 2.0, 3.0]), jnp.array(1, jnp.int32), jnp.array(9.0))
       (Array([1., 9., 3.], dtype=float32), Array(2, dtype=int32))
     """
+    # A NumPy history (a state restored from a checkpoint) has no `.at`.
+    norm_history = jnp.asarray(norm_history)
     window = norm_history.shape[0]
     norm_history = norm_history.at[next_index].set(jnp.asarray(norm, norm_history.dtype))
     return norm_history, (next_index + 1) % window

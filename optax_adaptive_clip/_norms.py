@@ -9,10 +9,10 @@ block by block, every block first scaled by a power of two.
 
 Internally a norm is carried as ``mantissa / inv_unit`` where ``inv_unit`` is
 that power of two (1 on the fast path), so that updates whose norm lies beyond
-float32's range can still be scaled exactly to a threshold. Float64 entries
-beyond float32's range count as float32's largest value, and are scaled from it when
-an update is clipped, so that the clipped norm is the threshold (among such entries
-the direction is not kept).
+float32's range can still be scaled exactly to a threshold. Entries whose magnitude
+lies beyond float32's range (float64 values, complex moduli) count as float32's
+largest value, and are scaled from it when an update is clipped, so that the clipped
+norm is the threshold (among such entries the direction is not kept).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ _BlockReader = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def _block_magnitudes(values: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Magnitudes beyond float32's range (float64 leaves) count as its largest value.
+    # Magnitudes beyond float32's range (float64 entries, complex moduli) count as its largest.
     magnitudes = jnp.minimum(_magnitude(impute_nonfinite(values)), FLOAT32_MAX)
     return magnitudes, ~jnp.isfinite(values)
 
@@ -425,16 +425,21 @@ def global_norm(updates: Any, norm_ord: Any = 2) -> tuple[jax.Array, jax.Array]:
 def _within_float32_range(leaf: jax.Array) -> jax.Array:
     """``leaf`` with magnitudes beyond float32's range brought down to its largest value.
 
-    The norm counts such magnitudes (float64 and complex128 leaves) as float32's
-    largest value; scaling the leaf as it counts keeps a clipped update within the
-    threshold. Other leaves are returned as they are.
+    The norm counts such magnitudes (of float64 entries, and complex moduli, which
+    exceed float32's range by up to sqrt(2) even in complex64) as float32's largest
+    value; scaling the leaf as it counts keeps a clipped update within the threshold.
+    Other leaves are returned as they are.
     """
-    if not _is_float_leaf(leaf) or float(jnp.finfo(leaf.dtype).max) <= FLOAT32_MAX:
+    if not _is_float_leaf(leaf):
         return leaf
     if not jnp.iscomplexobj(leaf):
+        if float(jnp.finfo(leaf.dtype).max) <= FLOAT32_MAX:
+            return leaf
         return jnp.clip(leaf, -FLOAT32_MAX, FLOAT32_MAX)
-    magnitude = jnp.abs(leaf)
-    return jnp.where(magnitude > FLOAT32_MAX, leaf * (FLOAT32_MAX / magnitude), leaf)
+    # Halving is exact and keeps a complex64 modulus from overflowing to inf.
+    half_magnitude = jnp.abs(leaf * 0.5)
+    half_max = FLOAT32_MAX / 2
+    return jnp.where(half_magnitude > half_max, leaf * (half_max / half_magnitude), leaf)
 
 
 def apply_threshold(

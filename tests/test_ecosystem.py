@@ -233,6 +233,34 @@ def test_checkpoint_round_trip_resumes_bit_identically(name, tmp_path):
         chex.assert_trees_all_equal(continued[key], continued["original"])
 
 
+def float32_grads_at(step: int):
+    return jax.tree.map(lambda leaf: leaf.astype(jnp.float32), grads_at(step))
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_eager_update_of_a_state_of_numpy_arrays(name):
+    # A state restored by flax.serialization, pickle or jax.device_get holds NumPy arrays;
+    # the eager update of the ring-buffer clippers used to fail on `.at`.
+    # float32 only: optax's own arithmetic on NumPy bfloat16 rounds otherwise than XLA's.
+    tx = FACTORIES[name]()
+    state = tx.init(float32_grads_at(0))
+    for step in range(7):
+        _, state = tx.update(float32_grads_at(step), state, float32_grads_at(0))
+    host_state = jax.device_get(state)
+    assert any(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(host_state))
+    for step in range(7, 12):
+        out, state = tx.update(float32_grads_at(step), state, float32_grads_at(0))
+        host_out, host_state = tx.update(float32_grads_at(step), host_state, float32_grads_at(0))
+        chex.assert_trees_all_equal(host_out, out)
+    chex.assert_trees_all_equal(host_state, state)
+
+
+def test_history_push_of_a_numpy_history():
+    norms, next_index = oac.history_push(np.array([1.0, 2.0, 3.0], np.float32), np.int32(2), 9.0)
+    np.testing.assert_array_equal(np.asarray(norms), [1.0, 2.0, 9.0])
+    assert int(next_index) == 0
+
+
 @pytest.mark.parametrize(
     ("factory", "static_args", "kwargs", "changed"),
     [

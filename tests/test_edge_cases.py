@@ -100,6 +100,34 @@ def test_float64_values_beyond_float32_range_are_clipped_as_counted(grad, expect
 
 
 @pytest.mark.parametrize(
+    "make_clipper",
+    [
+        lambda: oac.adaptive_clip(window=2, max_norm=1.0),
+        lambda: oac.autoclip(window=2, max_norm=1.0),
+        lambda: oac.zclip(max_norm=1.0),
+    ],
+)
+@pytest.mark.parametrize(
+    ("grad", "expected"),
+    [
+        ([3e38 + 3e38j], [0.5 + 0.5j]),
+        ([3e38 + 3e38j, 1.0], [0.5 + 0.5j, 0.0]),
+        ([-3e38 + 2e38j, 1e30j], [-0.6 + 0.4j, 0.0]),  # |-3 + 2j| > 3.4: counted as 3.4
+    ],
+)
+def test_complex64_moduli_beyond_float32_range_are_clipped_as_counted(make_clipper, grad, expected):
+    # Their modulus overflows float32, so the norm counts it as float32's largest value;
+    # scaled as it was, [3e38 + 3e38j] came out with modulus 1.25 for max_norm=1.
+    tx = make_clipper()
+    grad = jnp.array(grad, jnp.complex64)
+    out, _ = jax.jit(tx.update)(grad, tx.init(grad))
+    assert out.dtype == jnp.complex64
+    assert np.linalg.norm(np.asarray(out, np.complex128)) == pytest.approx(1.0, rel=1e-6)
+    direction = np.array(expected) / np.linalg.norm(expected)
+    np.testing.assert_allclose(np.asarray(out), direction, atol=1e-6)
+
+
+@pytest.mark.parametrize(
     ("norm_ord", "grad", "max_norm"),
     [(1, 1e20, 1e-19), (math.inf, 1e29, 1e-10), (2, 1e14, 1e-25), (2, 1e16, 1e-25)],
 )
