@@ -436,7 +436,7 @@ def _within_float32_range(leaf: jax.Array) -> jax.Array:
         if float(jnp.finfo(leaf.dtype).max) <= FLOAT32_MAX:
             return leaf
         return jnp.clip(leaf, -FLOAT32_MAX, FLOAT32_MAX)
-    # Halving is exact and keeps a complex64 modulus from overflowing to inf.
+    # The modulus of the halved leaf cannot overflow to inf, even in complex64.
     half_magnitude = jnp.abs(leaf * 0.5)
     half_max = FLOAT32_MAX / 2
     return jnp.where(half_magnitude > half_max, leaf * (half_max / half_magnitude), leaf)
