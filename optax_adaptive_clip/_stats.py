@@ -130,8 +130,8 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
       >>> sorted(stats)  # doctest: +NORMALIZE_WHITESPACE
       ['clip_count', 'clip_fraction', 'clipped', 'history_size', 'nonfinite_count',
        'norm', 'threshold']
-      >>> float(stats["norm"]), int(stats["history_size"])
-      (1.7320508..., 1)
+      >>> round(float(stats["norm"]), 6), int(stats["history_size"])
+      (1.732051, 1)
     """
     found = _find_clip_states(opt_state)
     stats = {}

@@ -66,7 +66,9 @@ def zclip(
       ``skip_update_on_spike`` they are left untouched on a spike instead.
       Averages without spread (warmup norms all equal, as when a module's
       gradient is 0 for the first steps) take the norm as it came, so that they
-      can start to move.
+      can start to move. With ``skip_update_on_spike`` only that first norm is
+      taken: the averages then have spread, and norms that stay far above them
+      are held back as spikes from then on.
 
     The ``max_norm`` cap is a safety net outside the rule: it clips, but the
     averages see the rule's own clip value, as in the authors' implementation.
@@ -98,8 +100,8 @@ def zclip(
       >>> for norm in [1.0, 2.0, 1.0, 2.0]:  # warmup: mean 1.5, std 0.5
       ...   _, state = tx.update(jnp.array([norm]), state)
       >>> updates, state = tx.update(jnp.array([4.0]), state)  # z = 5
-      >>> updates  # 1.5 + 2.5 * 0.5 / (5 / 2.5)
-      Array([2.125], dtype=float32)
+      >>> print(f"{float(updates[0]):.5f}")  # 1.5 + 2.5 * 0.5 / (5 / 2.5)
+      2.12500
 
     References:
       Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training

@@ -113,11 +113,18 @@ class ZClipper:
 
 
 class SpikeSkipper:
-    """skip_on_spike's rule: skip when the norm exceeds mean + num_std * std."""
+    """skip_on_spike's rule: skip when the norm exceeds mean + num_std * std (or max_norm)."""
 
-    def __init__(self, window: int = 32, num_std: float = 6.0, record: str = "clipped") -> None:
+    def __init__(
+        self,
+        window: int = 32,
+        num_std: float = 6.0,
+        record: str = "clipped",
+        max_norm: float | None = None,
+    ) -> None:
         self.history: deque[float] = deque(maxlen=window)
         self.window, self.num_std, self.record = window, num_std, record
+        self.max_norm = math.inf if max_norm is None else max_norm
         self.recorded = 0
 
     def step(self, norm: float) -> tuple[float, bool]:
@@ -126,6 +133,7 @@ class SpikeSkipper:
             threshold = values.mean() + self.num_std * values.std(ddof=1)
         else:
             threshold = math.inf
+        threshold = min(threshold, self.max_norm)
         skipped = norm > threshold
         self.history.append(min(norm, threshold) if self.record == "clipped" else norm)
         self.recorded += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -255,16 +256,24 @@ def test_single_clipper_under_multi_transform_carries_its_label():
     }
 
 
-def test_labels_fall_back_to_field_names():
-    class TwoClippers(tuple):
-        pass
+class _TwoClipStates(NamedTuple):
+    encoder: Any
+    decoder: Any
 
-    state = {"first": oac.adaptive_clip(window=2).init(jnp.zeros(1))}
-    state["first_again"] = oac.adaptive_clip(window=3).init(jnp.zeros(1))
-    stats = oac.clip_stats(state)
-    assert int(stats["first/history_size"]) == 0 and "first_again/norm" in stats
-    nested = oac.clip_stats((state["first"], state["first_again"]))
-    assert {"0/norm", "1/norm"} <= set(nested)
+
+def test_labels_fall_back_to_indices_and_field_names():
+    first = oac.adaptive_clip(window=2).init(jnp.zeros(1))
+    second = oac.zclip().init(jnp.zeros(1))
+
+    def norm_keys(state):
+        return sorted(key for key in oac.clip_stats(state) if key.endswith("norm"))
+
+    # Dict keys (multi_transform labels) when they tell the states apart...
+    assert norm_keys({"first": first, "first_again": second}) == ["first/norm", "first_again/norm"]
+    # ...else every key, index and field name on the path.
+    assert norm_keys({"a": (first, second)}) == ["a/0/norm", "a/1/norm"]
+    assert norm_keys((first, second)) == ["0/norm", "1/norm"]
+    assert norm_keys(_TwoClipStates(first, second)) == ["decoder/norm", "encoder/norm"]
 
 
 @pytest.mark.parametrize("norm_ord", [1, 2, 3, float("inf")])
@@ -314,6 +323,41 @@ def test_clippers_that_record_their_clip_recover_from_a_history_of_zero_norms(ma
     # it there and zero every later update.
     norms = _update_norms(make_tx(), [[0.0, 0.0]] * 30 + _noisy_norms(5.0, 200))
     assert norms[-50:].mean() > 4.5
+
+
+def test_zclip_skipping_spikes_takes_one_norm_after_a_warmup_of_zero_norms():
+    # As documented: averages without spread take the first norm as it came (holding it
+    # back as a spike would clip to 0 for good); from then on they have spread, and a
+    # lasting rise is held back as spikes.
+    alpha, z_thresh, eps = 0.97, 2.5, 1e-6
+    tx = oac.zclip(alpha, z_thresh, warmup_steps=3, skip_update_on_spike=True, eps=eps)
+    state = tx.init(jnp.zeros(1))
+    for norm in [0.0] * 3 + [5.0] * 50:
+        out, state = tx.update(jnp.array([norm]), state)
+    assert int(state.count) == 4 and int(state.num_updates) == 53
+    mean = (1 - alpha) * 5.0
+    std = np.sqrt((1 - alpha) * (5.0 - mean) ** 2)
+    z = (5.0 - mean) / (std + eps)
+    np.testing.assert_allclose(float(state.mean), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out), [mean + z_thresh * std * z_thresh / z], rtol=1e-5)
+
+
+def test_clip_stats_counts_by_value():
+    tx = oac.adaptive_clip(window=2, max_norm=1.0)
+    state = tx.init(jnp.zeros(2))
+    for grad in ([3.0, 4.0], [jnp.nan, 1.0], [6.0, 8.0], [0.3, 0.4]):
+        _, state = tx.update(jnp.array(grad), state)
+    stats = oac.clip_stats(state)
+    assert (int(stats["clip_count"]), int(stats["nonfinite_count"])) == (2, 1)
+
+    skipper = oac.skip_on_spike(optax.sgd(1.0), window=2, num_std=0.0)
+    state = skipper.init(jnp.zeros(1))
+    for grad in (1.0, 2.0, 9.0, jnp.inf, 1.0):
+        _, state = skipper.update(jnp.array([grad]), state)
+    stats = oac.clip_stats(state)
+    # 9.0 is a spike and inf is not finite: both skipped; only inf counts as non-finite.
+    assert (int(stats["skip_count"]), int(stats["nonfinite_count"])) == (2, 1)
+    assert float(stats["skip_fraction"]) == pytest.approx(2 / 5)
 
 
 def test_clipped_record_keeps_taking_norms_after_a_history_of_zero_norms():

@@ -84,14 +84,19 @@ def test_zclip_max_norm_caps_during_warmup():
     np.testing.assert_allclose(float(state.mean), 5.0)
 
 
-def test_skip_on_spike_leaves_inner_state_untouched():
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"record": "raw"}, {"max_norm": 3.0}, {"record": "raw", "max_norm": 3.0}],
+    ids=str,
+)
+def test_skip_on_spike_leaves_inner_state_untouched(options):
     inner = optax.adam(0.1)
-    tx = oac.skip_on_spike(inner, window=8, num_std=3.0)
+    tx = oac.skip_on_spike(inner, window=8, num_std=3.0, **options)
     update = jax.jit(tx.update)
     params = jnp.zeros(5)
     state = tx.init(params)
     norms = norm_sequence(np.random.default_rng(0), length=60, spike_every=6)
-    model = SpikeSkipper(window=8, num_std=3.0)
+    model = SpikeSkipper(window=8, num_std=3.0, **options)
     skipped_steps = 0
     for step, norm in enumerate(norms):
         expected_threshold, expected_skip = model.step(norm)
