@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_clipping.py"
-TIMEOUT_SECONDS = 120
+TIMEOUT_SECONDS = 300  # --quick takes well under a minute; a slow CI machine must not fail it
 
 
 def test_quick_benchmark_writes_table_and_json(tmp_path: Path) -> None:
