@@ -491,6 +491,18 @@ def test_compare_draws_modes_together(tmp_path):
     assert summaries["global"]["last_clip_stats"]["threshold"] == 1.0
     assert (tmp_path / "none" / "summary.json").exists()
 
+    # plots.py redraws the side-by-side figures from the directory (it used to refuse it).
+    from examples.seq2seq import plots
+
+    drawn_by_main = (tmp_path / "compare_loss.png").read_bytes()
+    for name in ("compare_loss.png", "compare_accuracy.png", "compare_grad_norm.png"):
+        (tmp_path / name).unlink()
+    assert list(plots.compare_runs(tmp_path)) == ["none", "global"]  # compare.md's order
+    plots.main([str(tmp_path)])
+    for name in ("compare_loss.png", "compare_accuracy.png", "compare_grad_norm.png"):
+        assert (tmp_path / name).stat().st_size > 1_000
+    assert (tmp_path / "compare_loss.png").read_bytes() == drawn_by_main
+
 
 @pytest.mark.slow
 def test_resume_of_a_finished_run_reports_it_again(tmp_path):

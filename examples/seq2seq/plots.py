@@ -6,7 +6,8 @@
   norms that pass unclipped shaded under it, and a red mark at every clip event; one panel
   per clipper (encoder and decoder for ``adaptive-per-module``).
 
-Can be re-drawn from an output directory: ``python examples/seq2seq/plots.py RUN_DIR``.
+Can be re-drawn from an output directory: ``python examples/seq2seq/plots.py RUN_DIR``
+(of a run, or of a finished ``--compare``).
 """
 
 from __future__ import annotations
@@ -173,18 +174,36 @@ def plot_runs(
     return paths
 
 
+def has_metrics(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
+def compare_runs(compare_dir: Path) -> dict[str, Path]:
+    """The mode sub-directories of a finished ``--compare``, in the order of its compare.md."""
+    table = compare_dir / "compare.md"
+    if not table.is_file():
+        return {}
+    rows = table.read_text().splitlines()[2:]  # under the header and its rule
+    modes = [row.split("|")[1].strip() for row in rows if row.startswith("|")]
+    return {mode: compare_dir / mode for mode in modes if has_metrics(compare_dir / mode)}
+
+
 def main(run_dirs: Sequence[str]) -> None:
-    """Redraw the figures of each run directory in place."""
+    """Redraw the figures of each run directory, or of each ``--compare`` directory, in place."""
     if not run_dirs:
         raise SystemExit("usage: python examples/seq2seq/plots.py RUN_DIR [RUN_DIR ...]")
-    for run_dir in run_dirs:
-        metrics = Path(run_dir) / "metrics.jsonl"
-        if not metrics.is_file() or not metrics.stat().st_size:
+    for run_dir in map(Path, run_dirs):
+        if has_metrics(run_dir):
+            paths = plot_runs({run_dir.name: run_dir}, run_dir)
+        elif runs := compare_runs(run_dir):
+            paths = plot_runs(runs, run_dir, prefix="compare_")
+        else:
             raise SystemExit(
-                f"{run_dir}: no metrics.jsonl, or an empty one, so not the output directory of "
-                "a run (of a --compare, pass the directory of each mode)"
+                f"{run_dir}: no metrics.jsonl (or an empty one) and no compare.md, so the "
+                "output directory of neither a run nor a finished --compare"
             )
-        for path in plot_runs({Path(run_dir).name: run_dir}, run_dir):
+        for path in paths:
             print(path)
 
 
