@@ -326,10 +326,21 @@ def clip_modes(config: Config) -> list[str]:
     return compare_modes(config.compare) if config.compare else [config.clip]
 
 
+def modes_using(field_name: str) -> Sequence[str] | None:
+    """The ``--clip`` modes a :class:`Config` field applies to; ``None``: all of them."""
+    return Config.__dataclass_fields__[field_name].metadata["clip"]
+
+
+def applies_to(field_name: str, modes: Sequence[str]) -> bool:
+    """Whether a :class:`Config` field has an effect in a run of any of ``modes``."""
+    used_by = modes_using(field_name)
+    return not used_by or bool(set(modes) & set(used_by))
+
+
 def config_errors(config: Config) -> list[str]:
     """What is wrong with a combination of flags, found before any data is generated."""
     errors = []
-    uses_history = bool(set(clip_modes(config)) & set(ADAPTIVE_MODES))
+    uses_history = applies_to("min_history", clip_modes(config))
     if uses_history and config.min_history is not None and config.min_history > config.window:
         errors.append(f"--min-history {config.min_history} exceeds --window {config.window}")
     population = config.number_max - config.number_min + 1
@@ -351,12 +362,11 @@ def config_warnings(config: Config, given: Sequence[str]) -> list[str]:
     if config.compare and "clip" in given:
         warnings.append("--clip has no effect with --compare, which trains each of its modes")
     modes = clip_modes(config)
-    for field in dataclasses.fields(Config):
-        used_by = field.metadata["clip"]
-        if field.name in given and used_by and not set(modes) & set(used_by):
+    for name in (field.name for field in dataclasses.fields(Config)):
+        if name in given and not applies_to(name, modes):
             warnings.append(
-                f"{flag_name(field.name)} has no effect with --clip {', '.join(modes)} "
-                f"(it applies to --clip {' and '.join(used_by)} only)"
+                f"{flag_name(name)} has no effect with --clip {', '.join(modes)} "
+                f"(it applies to --clip {' and '.join(modes_using(name))} only)"
             )
     return warnings
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
@@ -410,6 +411,7 @@ SETUP_KEY = "setup"  # clippers' arrays are stored as "clipper/name", so this ca
 VERSIONED_PACKAGES = ("optax-adaptive-clip", "jax", "jaxlib", "optax", "flax")
 
 
+@functools.cache  # read once per run, not once per condition
 def package_versions() -> dict[str, str]:
     """Installed versions of :data:`VERSIONED_PACKAGES` (``"not installed"`` if absent)."""
     versions = {}

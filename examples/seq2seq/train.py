@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from examples.seq2seq import data as data_lib
-from examples.seq2seq.config import CLIP_MODES, Config, flag_name
+from examples.seq2seq.config import CLIP_MODES, Config, applies_to, flag_name
 from examples.seq2seq.model import Seq2Seq, masked_cross_entropy
 
 PyTree = Any
@@ -269,11 +269,10 @@ def resume_mismatches(config: Config, meta: dict) -> list[str]:
     """
     saved = meta.get("config") or {"seed": meta.get("seed", config.seed)}
     now = dataclasses.asdict(config)
-    clip_modes = {field.name: field.metadata["clip"] for field in dataclasses.fields(Config)}
     return [
         f"{flag_name(name)} {saved[name]!r} in the checkpoint, {now[name]!r} now"
         for name in sorted((saved.keys() & now.keys()) - MAY_CHANGE_ON_RESUME)
-        if saved[name] != now[name] and (not clip_modes[name] or config.clip in clip_modes[name])
+        if saved[name] != now[name] and applies_to(name, [config.clip])
     ]
 
 
