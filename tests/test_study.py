@@ -74,6 +74,7 @@ def quick_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_quick_study_writes_table_records_and_figures(quick_run: Path):
     clippers = list(study.DEFAULT_CLIPPERS)
     conditions = list(study.DEFAULT_CONDITIONS)
