@@ -1,12 +1,12 @@
 """Argument validation shared by the factories.
 
 Every check runs at construction time. Under ``optax.inject_hyperparams`` the
-factory is called again inside the traced update with hyperparameters that are
-tracers; those cannot be inspected, so the checks skip them. Values passed to
-the injecting factory are checked when its ``init`` runs outside ``jit``, but
-values written later into the state's ``hyperparams`` never are: the update
-makes out-of-range ones harmless instead (``_clipping.cap_threshold``, the
-clamping in :func:`check_int`, and the notes where traced values are read).
+factory is called again inside each update with the hyperparameters of the
+state. Under ``jit`` those are tracers, which cannot be inspected, so the checks
+skip them and the update makes out-of-range values harmless instead
+(``_clipping.cap_threshold``, the clamping in :func:`check_int`, and the notes
+where traced values are read). An update run outside ``jit`` gets concrete
+values, which are checked as at construction: an out-of-range one raises.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def is_traced(value: Any) -> bool:
 
 
 def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
+    # NumPy and JAX bools (np.True_, bool arrays) would read as 1, as Python's would.
+    if isinstance(value, bool | np.bool_) or getattr(value, "dtype", None) == np.bool_:
         raise ValueError(f"`{name}` must be a number, not a bool; got {value!r}.")
     # float() would parse "1.0", but the string would reach the traced update as is.
     if isinstance(value, str | bytes):

@@ -191,8 +191,10 @@ def mean_plus_std_rule(num_std: Any) -> Callable[[jax.Array, jax.Array], jax.Arr
 
     def mean_plus_std(norm_history: jax.Array, count: jax.Array) -> jax.Array:
         mean, std = _history.mean_std(norm_history, count)
-        # Written so that num_std == 0 with an overflowed std stays finite.
-        return mean + jnp.where(num_std > 0, num_std * std, 0.0)
+        # Written so that num_std == 0 with an overflowed std stays finite, and so that
+        # an injected NaN num_std gives a NaN threshold, which counts as none.
+        headroom = jnp.where(num_std > 0, num_std * std, 0.0)
+        return mean + jnp.where(jnp.isnan(num_std), jnp.nan, headroom)
 
     return mean_plus_std
 

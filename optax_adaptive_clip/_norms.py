@@ -489,8 +489,12 @@ def apply_threshold(
             # scaled step imputes every entry (1.06-1.17x clip_by_global_norm at 10M
             # instead of 1.01x) and an unclipped one loses its subnormal entries.
             fixed = jnp.where(parts.has_nonfinite, impute_nonfinite(leaf), leaf)
-        # The float32 scalars promote bf16/f16 leaves to float32 for the product.
-        scaled = (_within_float32_range(fixed) * inv_unit * ratio).astype(leaf.dtype)
+        # The float32 scalars promote bf16/f16 leaves to float32 for the product; 8-bit
+        # floats have no implicit promotion in JAX, so they are converted explicitly.
+        factor = _within_float32_range(fixed)
+        if _is_float_leaf(leaf) and leaf.dtype.itemsize == 1:
+            factor = factor.astype(jnp.float32)
+        scaled = (factor * inv_unit * ratio).astype(leaf.dtype)
         new_leaf = jnp.where(clipped, scaled, fixed)
         if nonfinite == "zero":
             new_leaf = jnp.where(parts.has_nonfinite, jnp.zeros_like(leaf), new_leaf)

@@ -169,10 +169,15 @@ def zclip(
         has_spread = state.var > 0
         held_back = spike & has_spread
         applied = jnp.where(held_back, jnp.minimum(norm, clip_value), norm)
-        ema_mean = alpha * state.mean + (1.0 - alpha) * applied
+        # A step from the mean towards the norm cannot overflow. (Written as
+        # alpha * mean + (1 - alpha) * norm, XLA folds it into (mean + norm) / 2 at
+        # alpha = 0.5, and that sum can.)
+        ema_mean = state.mean + (1.0 - alpha) * (applied - state.mean)
         ema_var = alpha * state.var + (1.0 - alpha) * jnp.square(applied - ema_mean)
-        # Saturating keeps huge norms from turning the statistics into inf, then NaN.
-        new_mean = jnp.where(warmed_up, ema_mean, warm_mean).astype(jnp.float32)
+        # Saturating keeps huge norms (or an injected alpha outside (0, 1)) from
+        # turning the statistics into inf, then NaN.
+        new_mean = jnp.clip(jnp.where(warmed_up, ema_mean, warm_mean), 0.0, _norms.FLOAT32_MAX)
+        new_mean = new_mean.astype(jnp.float32)
         new_var = jnp.clip(jnp.where(warmed_up, ema_var, warm_var), 0.0, _norms.FLOAT32_MAX)
         # Injected hyperparameters are unchecked (see _checks); with a NaN or
         # out-of-range alpha, eps or z_thresh the averages keep their values

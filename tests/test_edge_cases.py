@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,15 +158,55 @@ def test_python_scalar_leaves_are_arrays_to_every_clipper():
     assert float(norms[0]) == 2.5
 
 
+@pytest.mark.parametrize("alpha", [0.97, 0.5])
 @pytest.mark.parametrize("huge", [3e38, 1e30])
-def test_zclip_statistics_survive_huge_norms(huge):
-    tx = oac.zclip(warmup_steps=2)
+def test_zclip_statistics_survive_huge_norms(huge, alpha):
+    tx = oac.zclip(alpha=alpha, warmup_steps=2)
     update = jax.jit(tx.update)
     state = tx.init(jnp.zeros(2))
     for grad in ([1.0, 0.0], [huge, huge], [1.0, 0.0], [2.0, 0.0], [huge, 0.0], [1.0, 1.0]):
         _, state = update(jnp.array(grad, jnp.float32), state)
         assert_no_nan(state)
     assert np.isfinite(float(state.mean)) and np.isfinite(float(state.var))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize(
+    "tx",
+    [
+        oac.adaptive_clip(window=2, max_norm=1.0),
+        oac.autoclip(window=2, max_norm=1.0),
+        oac.zclip(max_norm=1.0),
+    ],
+    ids=["adaptive_clip", "autoclip", "zclip"],
+)
+def test_float8_leaves_are_clipped_and_keep_their_dtype(tx, dtype):
+    # Eight-bit floats have no implicit promotion to float32 in JAX.
+    update = jax.jit(tx.update)
+    grad = {"w": jnp.array([3.0, 4.0], dtype), "small": jnp.array([0.0, 0.0], dtype)}
+    out, state = update(grad, tx.init(grad))
+    assert out["w"].dtype == dtype and out["small"].dtype == dtype
+    assert float(state.last_norm) == 5.0
+    np.testing.assert_allclose(np.asarray(out["w"], np.float32), [0.6, 0.8], rtol=0.15)
+    unclipped = {"w": jnp.array([0.5, 0.25], dtype), "small": jnp.array([0.0, 0.125], dtype)}
+    out, _ = update(unclipped, state)
+    chex.assert_trees_all_equal(out, unclipped)
+
+
+def test_zclip_mean_of_norms_at_float32s_top_stays_finite_and_spikes_are_clipped_after():
+    # At alpha=0.5 XLA folds alpha * mean + (1 - alpha) * norm into (mean + norm) / 2,
+    # whose sum overflowed: an infinite mean let every later spike through.
+    tx = oac.zclip(alpha=0.5, warmup_steps=2)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(1))
+    for norm in [3e38, 3.4e38, 3.4e38]:
+        _, state = update(jnp.array([norm], jnp.float32), state)
+        assert np.isfinite(float(state.mean)), float(state.mean)
+    for _ in range(50):
+        _, state = update(jnp.array([1.0], jnp.float32), state)
+    out, state = update(jnp.array([1e30], jnp.float32), state)
+    assert bool(state.last_clipped)
+    assert float(out[0]) < 1e30
 
 
 def test_zclip_spike_test_alone_decides_at_the_boundary():

@@ -119,3 +119,29 @@ def test_injected_counts_below_their_minimum_act_as_the_minimum(name, field, min
         out, state = jax.jit(below.update)(grad, state)
         expected, expected_state = jax.jit(at_minimum.update)(grad, expected_state)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+@pytest.mark.parametrize("name", ["adaptive_clip", "skip_on_spike"])
+def test_injected_nan_num_std_is_no_threshold(name):
+    """A NaN num_std made a NaN threshold, which counts as none, into num_std=0: the mean."""
+    tx, update = _TRANSFORMS[name]
+    state = tx.init(jnp.zeros(2))
+    for norm in (1.0, 1.1, 0.9):
+        _, state = update(jnp.array([norm, 0.0]), state)
+    state.hyperparams["num_std"] = jnp.asarray(jnp.nan, state.hyperparams["num_std"].dtype)
+    grad = jnp.array([1.05, 0.0])  # above the mean of 1.0, as every other norm is
+    out, state = update(grad, state)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(grad))
+    # No threshold of its own: only the cap applies.
+    assert float(state.inner_state.threshold) == _CAPS["max_norm"]
+
+
+def test_an_eager_update_checks_injected_values_as_the_constructor_does():
+    """Outside jit the factory sees numbers; only a jitted update has to make them harmless."""
+    tx, update = _TRANSFORMS["adaptive_clip"]
+    state = tx.init(jnp.zeros(2))
+    state.hyperparams["num_std"] = jnp.asarray(-1.0, state.hyperparams["num_std"].dtype)
+    with pytest.raises(ValueError, match="`num_std` must be in"):
+        tx.update(jnp.ones(2), state)
+    out, _ = update(jnp.ones(2), state)
+    np.testing.assert_array_equal(np.asarray(out), np.ones(2))

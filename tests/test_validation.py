@@ -21,6 +21,11 @@ BAD_ARGUMENTS = [
     (oac.adaptive_clip, {"num_std": math.nan}, "`num_std`"),
     (oac.adaptive_clip, {"num_std": math.inf}, r"`num_std` must be in \[0.0, inf\)"),
     (oac.adaptive_clip, {"num_std": True}, "`num_std` must be a number, not a bool"),
+    # NumPy and JAX bools are bools too, not the number 1.
+    (oac.adaptive_clip, {"max_norm": np.True_}, "`max_norm` must be a number, not a bool"),
+    (oac.adaptive_clip, {"window": np.array(True)}, "`window` must be a number, not a bool"),
+    (oac.autoclip, {"percentile": jnp.array(True)}, "`percentile` must be a number, not a bool"),
+    (oac.zclip, {"warmup_steps": np.True_}, "`warmup_steps` must be a number, not a bool"),
     (oac.adaptive_clip, {"norm_ord": 0.5}, "`norm_ord` must be in \\[1.0, inf\\]"),
     (oac.adaptive_clip, {"norm_ord": "fro"}, "`norm_ord` must be a real number"),
     (oac.adaptive_clip, {"min_history": 1}, "`min_history` must be an integer in \\[2, 32\\]"),
