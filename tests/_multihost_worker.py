@@ -85,18 +85,21 @@ def run_steps(place_leaf: PlaceLeaf) -> dict[str, np.ndarray]:
 
     params = place(initial_params())
     opt_state = jax.jit(optimizer.init)(params)
-    norms, thresholds, clipped, updates_by_step = [], [], [], []
+    norms, thresholds, clipped, clip_counts, updates_by_step = [], [], [], [], []
     for index in range(NUM_STEPS):
         params, opt_state, updates = step(params, opt_state, place(gradients(index)))
         clip_state = to_host(opt_state[0])
         norms.append(clip_state.last_norm)
         thresholds.append(clip_state.threshold)
         clipped.append(clip_state.last_clipped)
+        # Logged as the README's multi-host recipe does.
+        clip_counts.append(to_host(oac.clip_stats(opt_state))["clip_count"])
         updates_by_step.append(flatten(to_host(updates)))
     return {
         "norm": np.stack(norms),
         "threshold": np.stack(thresholds),
         "clipped": np.stack(clipped),
+        "clip_count": np.stack(clip_counts),
         "updates": np.stack(updates_by_step),
         "params": flatten(to_host(params)),
     }

@@ -207,5 +207,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     worker = load_worker("_multihost_worker")
     reference = worker.run_single_process()
     check_margins(reference)
+    np.testing.assert_array_equal(reference["clip_count"], np.cumsum(reference["clipped"]))
     with np.load(output) as saved:
         assert_same_run(dict(saved), reference)
+        np.testing.assert_array_equal(saved["clip_count"], reference["clip_count"])

@@ -291,11 +291,19 @@ def test_flags_without_effect_are_warned_about(capsys):
     assert "--num-std has no effect with --clip none, global" in capsys.readouterr().err
     config_lib.parse_config(["--clip", "zclip", "--compare", "none,global"])
     assert "--clip has no effect with --compare" in capsys.readouterr().err
+    config_lib.parse_config(["--reverse"])  # it used to train English -> French silently
+    assert "--reverse has no effect without --data (it applies to a --data file)" in (
+        capsys.readouterr().err
+    )
+    config_lib.parse_config(["--data", "pairs.tsv", "--number-max", "99"])
+    assert "--number-max has no effect with --data" in capsys.readouterr().err
     for args in (
         ["--smoke"],  # --smoke sets --window, but the user did not
         ["--clip", "global", "--max-norm", "0.5"],
         ["--compare", "global,adaptive", "--window", "8", "--max-norm", "2"],
         ["--stop-at", "5", "--checkpoint-dir", "ck"],
+        ["--data", "pairs.tsv", "--reverse", "--max-length", "8", "--prefix-filter"],
+        ["--number-min", "5", "--number-max", "99999"],
     ):
         config_lib.parse_config(args)
         assert capsys.readouterr().err == "", args
@@ -330,7 +338,16 @@ def test_resume_compares_the_run_defining_flags_only():
     assert train.resume_mismatches(other, old_meta) == ["--seed 0 in the checkpoint, 7 now"]
 
 
-def test_plots_of_a_directory_without_metrics_is_a_clear_error(tmp_path):
+def test_plots_help_is_help_not_a_run_directory(capsys):
+    from examples.seq2seq import plots
+
+    with pytest.raises(SystemExit) as exit_info:
+        plots.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "RUN_DIR" in capsys.readouterr().out
+
+
+def test_plots_of_a_directory_without_metrics_is_a_clear_error(tmp_path, capsys):
     # It used to fail in matplotlib (a compare directory) or on saving (a mistyped path).
     from examples.seq2seq import plots
 
@@ -341,8 +358,23 @@ def test_plots_of_a_directory_without_metrics_is_a_clear_error(tmp_path):
         with pytest.raises(SystemExit, match=r"no metrics\.jsonl"):
             plots.main([str(run_dir)])
     assert not (tmp_path / "loss.png").exists()
-    with pytest.raises(SystemExit, match="usage"):  # it used to do nothing and exit 0
+    with pytest.raises(SystemExit):  # it used to do nothing and exit 0
         plots.main([])
+    assert "usage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint-dir"])
+def test_an_output_directory_blocked_by_a_file_is_rejected_before_any_data_is_made(
+    tmp_path, capsys, flag
+):
+    # --out ended in a traceback; --checkpoint-dir trained, then orbax's save failed and hung.
+    (tmp_path / "a_file").write_text("")
+    for directory in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        with pytest.raises(SystemExit):
+            config_lib.parse_config(["--smoke", flag, str(directory)])
+        message = f"{flag} {directory}: {tmp_path / 'a_file'} exists and is not a directory"
+        assert message in capsys.readouterr().err
+    config_lib.parse_config(["--smoke", flag, str(tmp_path / "new" / "dir")])
 
 
 def test_an_unusable_data_file_is_an_error_naming_the_flag(tmp_path):

@@ -40,6 +40,10 @@ def test_clipper_names_parse():
         study.make_clip("adaptive:bogus=1")
     with pytest.raises(SystemExit, match="clipper 'zclip:alpha=2': `alpha`"):
         study.make_clip("zclip:alpha=2")
+    # A bad C was a traceback, or (0, negative) a clipper that zeroes or flips every update.
+    for bad in ("abc", "0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit, match=f"clipper 'global-{bad}': C must be a finite"):
+            study.make_clip(f"global-{bad}")
 
 
 @pytest.mark.parametrize(
@@ -52,6 +56,8 @@ def test_clipper_names_parse():
         (["--noise-prob", "-0.1"], "argument --noise-prob: must be a finite number >= 0"),
         (["--spike-scale", "0"], "argument --spike-scale: must be a finite number > 0"),
         (["--high-lr-scale", "nan"], "argument --high-lr-scale: must be a finite number > 0"),
+        # An exact match above 1 is never reached.
+        (["--target", "2"], "argument --target: must be a number in [0, 1], got '2'"),
     ],
 )
 def test_bad_flags_are_rejected_by_the_parser(args, message, capsys):

@@ -14,6 +14,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 CLIP_MODES = ("none", "global", "adaptive", "adaptive-per-module", "autoclip", "zclip")
@@ -337,9 +338,21 @@ def applies_to(field_name: str, modes: Sequence[str]) -> bool:
     return not used_by or bool(set(modes) & set(used_by))
 
 
+def _file_in_the_way(path: str) -> Path | None:
+    """The nearest existing part of ``path`` if it is not a directory (nothing can go there)."""
+    for part in (Path(path), *Path(path).parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
 def config_errors(config: Config) -> list[str]:
     """What is wrong with a combination of flags, found before any data is generated."""
     errors = []
+    for flag, directory in (("--out", config.out), ("--checkpoint-dir", config.checkpoint_dir)):
+        blocker = directory and _file_in_the_way(directory)
+        if blocker:
+            errors.append(f"{flag} {directory}: {blocker} exists and is not a directory")
     uses_history = applies_to("min_history", clip_modes(config))
     if uses_history and config.min_history is not None and config.min_history > config.window:
         errors.append(f"--min-history {config.min_history} exceeds --window {config.window}")
@@ -361,6 +374,15 @@ def config_warnings(config: Config, given: Sequence[str]) -> list[str]:
         warnings.append("--stop-at without --checkpoint-dir: nothing is saved to --resume from")
     if config.compare and "clip" in given:
         warnings.append("--clip has no effect with --compare, which trains each of its modes")
+    if config.data is None:
+        ignored, reason = ("max_length", "prefix_filter", "reverse"), "without --data"
+        applies = "a --data file"
+    else:
+        ignored, reason = ("number_min", "number_max"), "with --data"
+        applies = "the generated number words"
+    for name in ignored:
+        if name in given:
+            warnings.append(f"{flag_name(name)} has no effect {reason} (it applies to {applies})")
     modes = clip_modes(config)
     for name in (field.name for field in dataclasses.fields(Config)):
         if name in given and not applies_to(name, modes):

@@ -12,8 +12,8 @@ Can be re-drawn from an output directory: ``python examples/seq2seq/plots.py RUN
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -189,11 +189,18 @@ def compare_runs(compare_dir: Path) -> dict[str, Path]:
     return {mode: compare_dir / mode for mode in modes if has_metrics(compare_dir / mode)}
 
 
-def main(run_dirs: Sequence[str]) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Redraw the figures of each run directory, or of each ``--compare`` directory, in place."""
-    if not run_dirs:
-        raise SystemExit("usage: python examples/seq2seq/plots.py RUN_DIR [RUN_DIR ...]")
-    for run_dir in map(Path, run_dirs):
+    parser = argparse.ArgumentParser(
+        description="Redraw the figures of runs of examples/seq2seq/main.py in place."
+    )
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="the --out directory of a run, or of a finished --compare",
+    )
+    for run_dir in map(Path, parser.parse_args(argv).run_dirs):
         if has_metrics(run_dir):
             paths = plot_runs({run_dir.name: run_dir}, run_dir)
         elif runs := compare_runs(run_dir):
@@ -208,4 +215,4 @@ def main(run_dirs: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -171,7 +171,11 @@ def make_clip(name: str) -> optax.GradientTransformation:
     if name == "none":
         return optax.identity()
     if name.startswith("global-"):
-        return optax.clip_by_global_norm(float(name.removeprefix("global-")))
+        try:
+            max_norm = positive_float(name.removeprefix("global-"))
+        except argparse.ArgumentTypeError as error:
+            raise SystemExit(f"clipper {name!r}: C {error}") from None
+        return optax.clip_by_global_norm(max_norm)
     base, *settings = name.split(":")
     factories = {"adaptive": oac.adaptive_clip, "autoclip": oac.autoclip, "zclip": oac.zclip}
     if base not in factories or not all("=" in setting for setting in settings):
@@ -645,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse conditions an earlier run into --out finished with the same setup "
         "(condition, model and data, seeds, clippers); train the others",
     )
-    parser.add_argument("--target", type=float, default=0.9, help="exact match for steps-to-target")
+    parser.add_argument(
+        "--target", type=probability, default=0.9, help="exact match for steps-to-target"
+    )
     return parser
 
 
