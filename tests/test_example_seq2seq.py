@@ -295,8 +295,10 @@ def test_flags_without_effect_are_warned_about(capsys):
     assert "--reverse has no effect without --data (it applies to a --data file)" in (
         capsys.readouterr().err
     )
-    config_lib.parse_config(["--data", "pairs.tsv", "--number-max", "99"])
-    assert "--number-max has no effect with --data" in capsys.readouterr().err
+    config_lib.parse_config(["--data", "pairs.tsv", "--number-max", "99", "--train-size", "9"])
+    warnings = capsys.readouterr().err
+    assert "--number-max has no effect with --data" in warnings
+    assert "--train-size has no effect with --data" in warnings
     for args in (
         ["--smoke"],  # --smoke sets --window, but the user did not
         ["--clip", "global", "--max-norm", "0.5"],
@@ -375,6 +377,18 @@ def test_an_output_directory_blocked_by_a_file_is_rejected_before_any_data_is_ma
         message = f"{flag} {directory}: {tmp_path / 'a_file'} exists and is not a directory"
         assert message in capsys.readouterr().err
     config_lib.parse_config(["--smoke", flag, str(tmp_path / "new" / "dir")])
+    # A dangling symlink is in the way too (mkdir failed on it after the data was made).
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(["--smoke", flag, str(tmp_path / "dangling")])
+    assert "dangling exists and is not a directory" in capsys.readouterr().err
+    # --compare writes into one sub-directory per mode; a file there hung the run as well.
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "none").write_text("")
+    args = ["--smoke", "--compare", "none,global", flag, str(tmp_path / "runs")]
+    with pytest.raises(SystemExit):
+        config_lib.parse_config(args)
+    assert f"{tmp_path / 'runs' / 'none'} exists and is not a directory" in capsys.readouterr().err
 
 
 def test_an_unusable_data_file_is_an_error_naming_the_flag(tmp_path):

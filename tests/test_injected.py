@@ -145,3 +145,15 @@ def test_an_eager_update_checks_injected_values_as_the_constructor_does():
         tx.update(jnp.ones(2), state)
     out, _ = update(jnp.ones(2), state)
     np.testing.assert_array_equal(np.asarray(out), np.ones(2))
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 5.0])
+def test_injected_alpha_outside_zero_one_keeps_zclips_averages_finite(alpha):
+    """Before the averages were clipped, such an alpha grew the mean to inf within steps."""
+    tx, update = _TRANSFORMS["zclip"]
+    state = tx.init(jnp.zeros(2))
+    state.hyperparams["alpha"] = jnp.asarray(alpha, state.hyperparams["alpha"].dtype)
+    for norm in [1.0, 2.0, 1.0, 2.0] * 20:
+        _, state = update(jnp.array([norm, 0.0]), state)
+        assert np.isfinite(float(state.inner_state.mean)), float(state.inner_state.mean)
+        assert np.isfinite(float(state.inner_state.var)), float(state.inner_state.var)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import types
 import typing
@@ -338,20 +339,25 @@ def applies_to(field_name: str, modes: Sequence[str]) -> bool:
     return not used_by or bool(set(modes) & set(used_by))
 
 
-def _file_in_the_way(path: str) -> Path | None:
-    """The nearest existing part of ``path`` if it is not a directory (nothing can go there)."""
-    for part in (Path(path), *Path(path).parents):
-        if part.exists():
-            return None if part.is_dir() else part
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing part of ``path`` if it is not a directory (nothing can go there).
+
+    A dangling symlink counts as existing, and one that loops as no directory.
+    """
+    for part in (path, *path.parents):
+        if os.path.lexists(part):
+            return None if os.path.isdir(part) else part
     return None
 
 
 def config_errors(config: Config) -> list[str]:
     """What is wrong with a combination of flags, found before any data is generated."""
     errors = []
+    # --compare writes each mode's run into a sub-directory of its own.
+    run_names = clip_modes(config) if config.compare else [""]
     for flag, directory in (("--out", config.out), ("--checkpoint-dir", config.checkpoint_dir)):
-        blocker = directory and _file_in_the_way(directory)
-        if blocker:
+        blockers = {_file_in_the_way(Path(directory, name)) for name in run_names if directory}
+        for blocker in sorted(blockers - {None}):
             errors.append(f"{flag} {directory}: {blocker} exists and is not a directory")
     uses_history = applies_to("min_history", clip_modes(config))
     if uses_history and config.min_history is not None and config.min_history > config.window:
@@ -378,7 +384,7 @@ def config_warnings(config: Config, given: Sequence[str]) -> list[str]:
         ignored, reason = ("max_length", "prefix_filter", "reverse"), "without --data"
         applies = "a --data file"
     else:
-        ignored, reason = ("number_min", "number_max"), "with --data"
+        ignored, reason = ("number_min", "number_max", "train_size"), "with --data"
         applies = "the generated number words"
     for name in ignored:
         if name in given:
