@@ -375,6 +375,22 @@ def _static_norm_parts(updates: Any, kind: str, p: Any) -> NormParts:
     )
 
 
+def _check_signed_floats(updates: Any) -> None:
+    """Rejects float formats without negative values (scale formats such as float8_e8m0fnu).
+
+    They hold no zero, so NaN could be neither imputed nor zeroed, and the norm
+    and the state would turn NaN.
+    """
+    for leaf in jax.tree.leaves(updates):
+        if _is_float_leaf(leaf) and not jnp.iscomplexobj(leaf):
+            if float(jnp.finfo(leaf.dtype).min) >= 0:
+                raise ValueError(
+                    f"`updates` holds a {leaf.dtype} leaf, a float format without sign or "
+                    "zero; use a signed float dtype (float32, bfloat16, float16, float8_e4m3fn, "
+                    "...) for gradients."
+                )
+
+
 def norm_parts(updates: Any, norm_ord: Any = 2) -> NormParts:
     """The global ``norm_ord``-norm of ``updates`` as :class:`NormParts`.
 
@@ -382,6 +398,7 @@ def norm_parts(updates: Any, norm_ord: Any = 2) -> NormParts:
     the matching reduction is then picked with ``lax.switch``.
     """
     updates = jax.tree.map(jnp.asarray, updates)  # Python scalars count as leaves too
+    _check_signed_floats(updates)
     if not _checks.is_traced(norm_ord):
         return _static_norm_parts(updates, _kind_of(norm_ord), norm_ord)
     # Unchecked when injected (see _checks): a p below 1, or NaN, counts as 1.

@@ -193,6 +193,18 @@ def test_float8_leaves_are_clipped_and_keep_their_dtype(tx, dtype):
     chex.assert_trees_all_equal(out, unclipped)
 
 
+@pytest.mark.skipif(not hasattr(jnp, "float8_e8m0fnu"), reason="no float8_e8m0fnu in this jax")
+def test_float_formats_without_zero_are_rejected():
+    # float8_e8m0fnu (a scale format) cannot hold 0: its NaN could not be imputed and
+    # the norm, then the state, turned NaN.
+    grad = {"w": jnp.array([2.0, 4.0], jnp.float8_e8m0fnu)}
+    for tx in (oac.adaptive_clip(window=2), oac.autoclip(window=2), oac.zclip()):
+        with pytest.raises(ValueError, match="`updates` holds a float8_e8m0fnu leaf"):
+            jax.jit(tx.update)(grad, tx.init(grad))
+    with pytest.raises(ValueError, match="`updates` holds a float8_e8m0fnu leaf"):
+        oac.global_norm(grad)
+
+
 def test_zclip_mean_of_norms_at_float32s_top_stays_finite_and_spikes_are_clipped_after():
     # At alpha=0.5 XLA folds alpha * mean + (1 - alpha) * norm into (mean + norm) / 2,
     # whose sum overflowed: an infinite mean let every later spike through.
