@@ -382,13 +382,12 @@ def _check_signed_floats(updates: Any) -> None:
     and the state would turn NaN.
     """
     for leaf in jax.tree.leaves(updates):
-        if _is_float_leaf(leaf) and not jnp.iscomplexobj(leaf):
-            if float(jnp.finfo(leaf.dtype).min) >= 0:
-                raise ValueError(
-                    f"`updates` holds a {leaf.dtype} leaf, a float format without sign or "
-                    "zero; use a signed float dtype (float32, bfloat16, float16, float8_e4m3fn, "
-                    "...) for gradients."
-                )
+        if _is_float_leaf(leaf) and float(jnp.finfo(leaf.dtype).min) >= 0:
+            raise ValueError(
+                f"`updates` holds a {leaf.dtype} leaf, a float format without sign or "
+                "zero; use a signed float dtype (float32, bfloat16, float16, float8_e4m3fn, "
+                "...) for gradients."
+            )
 
 
 def norm_parts(updates: Any, norm_ord: Any = 2) -> NormParts:

@@ -101,14 +101,15 @@ def test_float64_values_beyond_float32_range_are_clipped_as_counted(grad, expect
         np.testing.assert_allclose(np.asarray(out), np.array(expected) * (0.6 + 0.8j), atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "make_clipper",
-    [
-        lambda: oac.adaptive_clip(window=2, max_norm=1.0),
-        lambda: oac.autoclip(window=2, max_norm=1.0),
-        lambda: oac.zclip(max_norm=1.0),
-    ],
-)
+# The clippers that scale updates, each capped at a threshold of 1.
+CAPPED_AT_ONE = {
+    "adaptive_clip": lambda: oac.adaptive_clip(window=2, max_norm=1.0),
+    "autoclip": lambda: oac.autoclip(window=2, max_norm=1.0),
+    "zclip": lambda: oac.zclip(max_norm=1.0),
+}
+
+
+@pytest.mark.parametrize("make_clipper", CAPPED_AT_ONE.values(), ids=CAPPED_AT_ONE)
 @pytest.mark.parametrize(
     ("grad", "expected"),
     [
@@ -171,17 +172,10 @@ def test_zclip_statistics_survive_huge_norms(huge, alpha):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
-@pytest.mark.parametrize(
-    "tx",
-    [
-        oac.adaptive_clip(window=2, max_norm=1.0),
-        oac.autoclip(window=2, max_norm=1.0),
-        oac.zclip(max_norm=1.0),
-    ],
-    ids=["adaptive_clip", "autoclip", "zclip"],
-)
-def test_float8_leaves_are_clipped_and_keep_their_dtype(tx, dtype):
+@pytest.mark.parametrize("make_clipper", CAPPED_AT_ONE.values(), ids=CAPPED_AT_ONE)
+def test_float8_leaves_are_clipped_and_keep_their_dtype(make_clipper, dtype):
     # Eight-bit floats have no implicit promotion to float32 in JAX.
+    tx = make_clipper()
     update = jax.jit(tx.update)
     grad = {"w": jnp.array([3.0, 4.0], dtype), "small": jnp.array([0.0, 0.0], dtype)}
     out, state = update(grad, tx.init(grad))

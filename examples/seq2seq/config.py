@@ -353,13 +353,14 @@ def _file_in_the_way(path: Path) -> Path | None:
 def config_errors(config: Config) -> list[str]:
     """What is wrong with a combination of flags, found before any data is generated."""
     errors = []
+    modes = clip_modes(config)
     # --compare writes each mode's run into a sub-directory of its own.
-    run_names = clip_modes(config) if config.compare else [""]
+    run_names = modes if config.compare else [""]
     for flag, directory in (("--out", config.out), ("--checkpoint-dir", config.checkpoint_dir)):
         blockers = {_file_in_the_way(Path(directory, name)) for name in run_names if directory}
         for blocker in sorted(blockers - {None}):
             errors.append(f"{flag} {directory}: {blocker} exists and is not a directory")
-    uses_history = applies_to("min_history", clip_modes(config))
+    uses_history = applies_to("min_history", modes)
     if uses_history and config.min_history is not None and config.min_history > config.window:
         errors.append(f"--min-history {config.min_history} exceeds --window {config.window}")
     population = config.number_max - config.number_min + 1
